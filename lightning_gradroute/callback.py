@@ -1,0 +1,169 @@
+"""Gradient routing as a Lightning callback: add it to a ``Trainer`` and put routing labels in the batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_gradroute.labels import BatchKey, LabelSource
+from lightning_gradroute.router import GradientRouter
+from lightning_gradroute.targets import Route, Target, UnitGroups
+
+__all__ = ["GradientRoutingCallback"]
+
+
+class GradientRoutingCallback(Callback):
+    r"""Route the gradients of chosen activations by per-example or per-token labels during ``fit``.
+
+    The forward pass is untouched (bit for bit). In backward, the gradient flowing through each routed
+    activation is multiplied, per data item, by the weight its label's :class:`~lightning_gradroute.Route`
+    gives those units: 1 lets learning through, 0 stops it, a fraction damps it, a negative value reverses it.
+    Validation, test and predict run unrouted.
+
+    Lifecycle (see ``shared/reference/lightning-integration.md`` for why each hook):
+
+    * ``setup("fit")``: calls the module's ``configure_model`` if it is overridden (so lazily built layers
+      exist), resolves the target patterns and registers the hooks, before checkpoint restore, DDP wrapping,
+      ``torch.compile`` tracing and the sanity check.
+    * ``on_train_batch_start``: reads the labels from the batch and holds them until ``on_train_batch_end``
+      (after backward, so activation checkpointing's recomputation sees the same labels).
+    * ``teardown("fit")``: removes the hooks; nothing leaks into a later ``validate`` / ``test``.
+
+    Example::
+
+        import lightning.pytorch as pl
+        from lightning_gradroute import GradientRoutingCallback, Route, Target
+
+        routing = GradientRoutingCallback(
+            targets={"code": Target("encoder.2")},                       # a module of your LightningModule
+            routes=[Route(label="forget", target="code", weights={"0:16": 0.0})],
+            labels=["retain", "forget"],                                  # batch["route_labels"] indexes this
+        )
+        trainer = pl.Trainer(callbacks=[routing])
+        trainer.fit(my_module, my_datamodule)   # batches are dicts with a "route_labels" tensor
+
+    Args:
+        targets: named :class:`~lightning_gradroute.Target` s (where). Patterns match
+            ``pl_module.named_modules()``.
+        routes: :class:`~lightning_gradroute.Route` s (what, per label).
+        labels: the label names; integer labels in the batch index this list. Float labels in [0, 1] are soft
+            labels between the first and second name.
+        label_key: where the batch carries the labels: a dict key or a tuple position. Ignored when
+            ``label_source`` is given.
+        label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch.
+        remove_labels_from_batch: pop ``label_key`` out of a dict batch before ``training_step`` sees it.
+
+    Raises:
+        ValueError: in the constructor for malformed targets, routes or labels; in ``setup`` for a pattern
+            that matches no module (with the closest names) or units out of range; at the first batch for
+            labels of the wrong shape, dtype or range.
+    """
+
+    def __init__(
+        self,
+        targets: Mapping[str, Target],
+        routes: Sequence[Route],
+        labels: Sequence[str] = ("retain", "forget"),
+        label_key: str | int = "route_labels",
+        label_source: LabelSource | None = None,
+        remove_labels_from_batch: bool = False,
+    ) -> None:
+        self.router = GradientRouter(targets, routes, labels)
+        if label_source is not None and not callable(label_source):
+            raise ValueError(f"GradientRoutingCallback: label_source {label_source!r} is not callable")
+        self.label_source: LabelSource = label_source or BatchKey(label_key, remove=remove_labels_from_batch)
+        self.steps_routed = 0
+        # Items (examples or tokens) seen per label; a tensor on the batch's device so counting never syncs.
+        self._label_totals = torch.zeros(len(self.router.label_names), dtype=torch.float64)
+
+    @property
+    def label_totals(self) -> list[float]:
+        """How many items (examples or tokens, soft labels counted fractionally) of each label were routed."""
+        return self._label_totals.tolist()
+
+    # ------------------------------------------------------------------ state
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(config=self.config_hash)
+
+    @property
+    def config_hash(self) -> str:
+        """A short hash of the routing configuration, compared on resume."""
+        config = {
+            "targets": {k: repr(v) for k, v in sorted(self.router.targets.items())},
+            "routes": [repr(r) for r in self.router.routes],
+            "labels": self.router.label_names,
+        }
+        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config_hash": self.config_hash,
+            "steps_routed": self.steps_routed,
+            "label_totals": self.label_totals,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("config_hash") != self.config_hash:
+            raise ValueError(
+                f"GradientRoutingCallback: the checkpoint was trained with routing config {state_dict.get('config_hash')}"
+                f", this callback has {self.config_hash}; resume with the same targets, routes and labels"
+            )
+        self.steps_routed = int(state_dict["steps_routed"])
+        self._label_totals = torch.tensor(state_dict["label_totals"], dtype=torch.float64)
+
+    # ---------------------------------------------------------------- lifecycle
+    def unit_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> UnitGroups:
+        """Symbolic unit groups (``"expanded"`` / ``"original"``) per hook site; none without an expansion."""
+        return {}
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.router.is_attached:
+            return
+        if is_overridden("configure_model", pl_module):
+            # Lightning calls configure_model only after Callback.setup; layers it builds must exist before
+            # the patterns are resolved. configure_model is required to be idempotent.
+            pl_module.configure_model()
+        self.router.attach(pl_module, self.unit_groups(trainer, pl_module))
+        rank_zero_info(f"gradient routing on {len(self.router.sites)} sites:\n{self.router.describe()}")
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        labels = self.router.set_labels(self.label_source(batch))
+        self.steps_routed += 1
+        if labels.is_floating_point():
+            second = labels.sum(dtype=torch.float64)
+            counts = torch.stack([labels.numel() - second, second])
+        else:
+            counts = torch.bincount(labels.flatten(), minlength=len(self.router.label_names)).double()
+        self._label_totals = self._label_totals.to(counts.device) + counts
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.router.clear_labels()
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.router.clear_labels()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.router.detach()

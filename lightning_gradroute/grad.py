@@ -1,0 +1,121 @@
+"""The routing primitive: identity in the forward pass, a data-dependent weight on the gradient.
+
+Two entry points share one idea:
+
+* :func:`route_gradient` takes any weight that broadcasts against ``x``.
+* :func:`route_gradient_by_label` takes per-example / per-token labels and a small ``(labels, features)``
+  weight table. It saves only the labels and the table and rebuilds the mask in backward, so memory does not
+  grow with ``batch x seq x features``. This is what the router uses.
+
+Both return a *view* of ``x`` (no copy, bit-identical values for any weight and dtype). The weight is applied
+as a tensor multiplication in backward, never as control flow, so a zero weight keeps every parameter in the
+autograd graph (DDP with ``find_unused_parameters=False`` or ``static_graph`` keeps working).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["route_gradient", "route_gradient_by_label", "label_mask"]
+
+
+class _RouteGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad * weight.to(grad.dtype), None
+
+
+def route_gradient(x: Tensor, weight: Tensor | float) -> Tensor:
+    """Return ``x`` unchanged; in backward, multiply its incoming gradient by ``weight``.
+
+    Args:
+        x: the activation to route.
+        weight: a tensor broadcastable against ``x`` (or a float). Cast to ``x.dtype``. Any real value:
+            1 lets learning through, 0 stops it, a fraction damps it, a negative value reverses it.
+
+    Example::
+
+        >>> x = torch.ones(2, 3, requires_grad=True)
+        >>> y = route_gradient(x, torch.tensor([[1.0], [0.0]]))
+        >>> y.sum().backward()
+        >>> x.grad
+        tensor([[1., 1., 1.],
+                [0., 0., 0.]])
+    """
+    weight = torch.as_tensor(weight, device=x.device).to(x.dtype)
+    try:
+        torch.broadcast_shapes(weight.shape, x.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"route_gradient: weight of shape {tuple(weight.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+        ) from None
+    if len(torch.broadcast_shapes(weight.shape, x.shape)) != x.dim():
+        raise ValueError(f"route_gradient: weight of shape {tuple(weight.shape)} has more dims than x {tuple(x.shape)}")
+    return _RouteGradient.apply(x, weight)
+
+
+def label_mask(labels: Tensor, table: Tensor, feature_dim: int, ndim: int) -> Tensor:
+    """Build the gradient mask for ``labels`` from a ``(num_labels, features)`` weight table.
+
+    Integer labels select rows of ``table``. Float labels ``s`` in [0, 1] interpolate between row 0 and row 1:
+    ``(1 - s) * table[0] + s * table[1]`` (the paper's soft masks). The result has the label dims first, the
+    feature dim at ``feature_dim`` and size-1 dims elsewhere, so it broadcasts against an activation of ``ndim``
+    dims without being expanded to its full size.
+    """
+    if labels.is_floating_point():
+        soft = labels.unsqueeze(-1).to(table.dtype)
+        mask = table[0] + soft * (table[1] - table[0])
+    else:
+        mask = table[labels]
+    k = labels.dim()
+    trailing = ndim - feature_dim - 1
+    return mask.reshape(*labels.shape, *([1] * (feature_dim - k)), table.shape[1], *([1] * trailing))
+
+
+class _RouteGradientByLabel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, labels: Tensor, table: Tensor, feature_dim: int) -> Tensor:
+        ctx.save_for_backward(labels, table)
+        ctx.feature_dim = feature_dim
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        labels, table = ctx.saved_tensors
+        mask = label_mask(labels, table.to(grad.dtype), ctx.feature_dim, grad.dim())
+        return grad * mask, None, None, None
+
+
+def route_gradient_by_label(x: Tensor, labels: Tensor, table: Tensor, feature_dim: int = -1) -> Tensor:
+    """Return ``x`` unchanged; in backward, multiply its gradient by ``table[labels]`` along ``feature_dim``.
+
+    Args:
+        x: activation of shape ``(*labels.shape, ..., features, ...)``: the label dims lead.
+        labels: integer label indices (rows of ``table``) or float soft labels in [0, 1] (interpolating
+            between rows 0 and 1), of shape ``(B,)`` per example or ``(B, T)`` per token.
+        table: ``(num_labels, features)`` gradient weights.
+        feature_dim: the dim of ``x`` that indexes features.
+
+    Only ``labels`` and ``table`` are saved for backward; the full mask exists only transiently there.
+    """
+    feature_dim = feature_dim % x.dim()
+    if tuple(x.shape[: labels.dim()]) != tuple(labels.shape) or feature_dim < labels.dim():
+        raise ValueError(
+            f"route_gradient_by_label: labels of shape {tuple(labels.shape)} must match the leading dims of x "
+            f"{tuple(x.shape)} and precede its feature dim {feature_dim}"
+        )
+    if table.dim() != 2 or table.shape[1] != x.shape[feature_dim]:
+        raise ValueError(
+            f"route_gradient_by_label: table of shape {tuple(table.shape)} does not fit {x.shape[feature_dim]} "
+            f"features at dim {feature_dim} of x {tuple(x.shape)}"
+        )
+    return _RouteGradientByLabel.apply(x, labels, table, feature_dim)

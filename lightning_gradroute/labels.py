@@ -1,0 +1,88 @@
+"""Turning a batch into routing labels.
+
+Labels are integers (an index into the router's label names) or floats in [0, 1] (soft labels: the degree to
+which an item belongs to label 1 rather than label 0), of shape ``(B,)`` per example or ``(B, T)`` per token.
+
+By default the callback reads ``batch[label_key]``. Anything else (labels computed from token ids, a keyword
+list, a frequency table) is a :class:`LabelSource`: an importable class, so it can be named in a YAML recipe
+with ``class_path`` / ``init_args``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["LabelSource", "BatchKey", "check_labels"]
+
+
+class LabelSource(ABC):
+    """Maps a training batch to routing labels. Subclass it and implement :meth:`__call__`."""
+
+    @abstractmethod
+    def __call__(self, batch: Any) -> Tensor:
+        """Return the labels for ``batch``: integer ``(B,)``/``(B, T)`` or float soft labels in [0, 1]."""
+
+
+class BatchKey(LabelSource):
+    """Read labels from the batch: ``batch[key]`` for mappings, ``batch[index]`` for tuples and lists.
+
+    Args:
+        key: a mapping key (``"route_labels"``) or a position in a tuple batch (``2`` for ``(x, y, labels)``).
+        remove: pop the labels out of a dict batch before ``training_step`` sees it (useful when the step
+            does ``model(**batch)``).
+    """
+
+    def __init__(self, key: str | int = "route_labels", remove: bool = False) -> None:
+        if isinstance(key, bool) or not isinstance(key, (str, int)):
+            raise ValueError(f"BatchKey: key must be a str or an int, got {key!r}")
+        self.key = key
+        self.remove = remove
+
+    def __call__(self, batch: Any) -> Tensor:
+        if isinstance(batch, Mapping):
+            if self.key not in batch:
+                raise KeyError(f"routing labels: batch has no key {self.key!r} (keys: {sorted(map(str, batch))})")
+            return batch.pop(self.key) if self.remove and isinstance(batch, dict) else batch[self.key]
+        if isinstance(batch, Sequence) and isinstance(self.key, int):
+            if not -len(batch) <= self.key < len(batch):
+                raise KeyError(f"routing labels: batch has {len(batch)} elements, no index {self.key}")
+            return batch[self.key]
+        raise KeyError(f"routing labels: cannot take {self.key!r} from a batch of type {type(batch).__name__}")
+
+
+def check_labels(labels: Any, label_names: Sequence[str]) -> Tensor:
+    """Validate routing labels and return them as an int64 (hard) or floating (soft) tensor.
+
+    Raises:
+        ValueError: wrong type, shape, dtype, an unknown label index, or soft labels outside [0, 1].
+    """
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"routing labels must be a tensor, got {type(labels).__name__}")
+    if labels.dim() not in (1, 2):
+        raise ValueError(
+            f"routing labels must have shape (B,) per example or (B, T) per token, got {tuple(labels.shape)}"
+        )
+    if labels.dtype == torch.bool:
+        labels = labels.long()
+    if labels.is_floating_point():
+        if len(label_names) != 2:
+            raise ValueError(
+                f"soft (float) routing labels interpolate between two labels; this router has {len(label_names)}: "
+                f"{list(label_names)}"
+            )
+        if labels.numel() and not bool(((labels >= 0) & (labels <= 1)).all()):
+            raise ValueError(
+                f"soft routing labels must lie in [0, 1]; got values in [{labels.min().item()}, {labels.max().item()}]"
+            )
+        return labels
+    if labels.is_complex() or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ValueError(f"routing labels must be integer, bool or float, got dtype {labels.dtype}")
+    if labels.numel() and not bool(((labels >= 0) & (labels < len(label_names))).all()):
+        bad = labels[(labels < 0) | (labels >= len(label_names))].unique().tolist()
+        raise ValueError(f"routing labels {bad} are unknown: valid indices are 0..{len(label_names) - 1} for {list(label_names)}")
+    return labels.long()

@@ -1,0 +1,202 @@
+"""Where to route: module-name patterns, hook sites and unit selections; what to route: per-label weights.
+
+A :class:`Target` names a set of modules (glob over ``named_modules()``, or a regex with the ``re:`` prefix,
+matched with ``fullmatch``), the hook site (``output`` or ``input``) and the feature dim. A :class:`Route` says:
+for data with this label, at this target, multiply the gradient of these units by these weights.
+
+Units are written as
+
+* ``"all"``: every feature;
+* a slice string ``"0:16"``, ``":8"``, ``"-64:"`` or a single index ``"3"``;
+* a comma list ``"0,3,5"`` or a list of ints ``[0, 3, 5]``;
+* ``"expanded"`` / ``"original"``: symbolic groups filled in by the expansion step, so recipes never hard-code
+  sizes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import nn
+
+__all__ = ["Target", "Route", "Units", "UnitGroups", "resolve_modules", "unit_indices"]
+
+Units = Union[str, Sequence[int]]
+#: Symbolic unit groups per hook site: ``{(module_name, site): {"expanded": [...], "original": [...]}}``.
+UnitGroups = Mapping[tuple[str, str], Mapping[str, Sequence[int]]]
+SYMBOLIC_UNITS = ("expanded", "original")
+_SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
+_INDEX_LIST = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+)*\s*$")
+
+
+def _check_units(units: Units, where: str) -> None:
+    if isinstance(units, str):
+        if units == "all" or units in SYMBOLIC_UNITS or _SLICE.match(units) or _INDEX_LIST.match(units):
+            return
+        raise ValueError(
+            f"{where}: units {units!r} are not 'all', 'expanded', 'original', a slice like '0:16' or a list like '0,3'"
+        )
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in units):
+        raise ValueError(f"{where}: units {list(units)!r} must be integers")
+
+
+def unit_indices(units: Units, size: int, groups: Mapping[str, Sequence[int]] | None = None, where: str = "") -> list[int]:
+    """Resolve ``units`` to a sorted list of feature indices in ``range(size)``.
+
+    Raises:
+        ValueError: an index out of range, or a symbolic group that no expansion defined.
+    """
+    if isinstance(units, str):
+        if units == "all":
+            return list(range(size))
+        if units in SYMBOLIC_UNITS:
+            if not groups or units not in groups:
+                raise ValueError(
+                    f"{where}: units {units!r} need an expansion of this module; none defines them "
+                    "(add an Expansion that covers it, or use explicit units like '0:16')"
+                )
+            indices = list(groups[units])
+        elif m := _SLICE.match(units):
+            start, stop = (int(v) if v else None for v in m.groups())
+            for bound in (start, stop):
+                if bound is not None and not -size <= bound <= size:
+                    raise ValueError(f"{where}: slice {units!r} is out of range for {size} features")
+            indices = list(range(size))[slice(start, stop)]
+            if not indices:
+                raise ValueError(f"{where}: slice {units!r} selects no feature out of {size}")
+            return indices
+        else:
+            indices = [int(v) for v in units.split(",")]
+    else:
+        indices = list(units)
+    bad = [i for i in indices if not -size <= i < size]
+    if bad:
+        raise ValueError(f"{where}: unit indices {bad} are out of range for {size} features")
+    return sorted({i % size for i in indices})
+
+
+@dataclass(frozen=True)
+class Target:
+    """A set of hook sites addressed by module name.
+
+    Args:
+        modules: a glob over ``model.named_modules()`` (``"transformer.h.[0-4].mlp.act"``) or, with the ``re:``
+            prefix, a regex matched with ``re.fullmatch`` (``"re:blocks\\.(0|1)\\.mlp"``). Names are those of
+            the module you train (the LightningModule in Lightning). A pattern that matches nothing is an error.
+        site: ``"output"`` routes the module's output (forward hook), ``"input"`` its positional input
+            (forward pre-hook).
+        output_index: for modules that return (or take) a tuple, which element to route (HF blocks return
+            ``(hidden_states, ...)``: use 0).
+        feature_dim: the dim of the routed tensor that indexes features (units). The label dims (batch, and
+            sequence for per-token labels) must lead.
+        units: the features this target addresses; routes may narrow them further. Default ``"all"``.
+    """
+
+    modules: str
+    site: Literal["output", "input"] = "output"
+    output_index: int | None = None
+    feature_dim: int = -1
+    units: Units = "all"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.modules, str) or not self.modules:
+            raise ValueError(f"Target.modules must be a non-empty pattern, got {self.modules!r}")
+        if self.modules.startswith("re:"):
+            try:
+                re.compile(self.modules[3:])
+            except re.error as err:
+                raise ValueError(f"Target.modules regex {self.modules!r} does not compile: {err}") from None
+        if self.site not in ("output", "input"):
+            raise ValueError(f"Target {self.modules!r}: site must be 'output' or 'input', got {self.site!r}")
+        _check_units(self.units, f"Target {self.modules!r}")
+        if not isinstance(self.units, str):
+            object.__setattr__(self, "units", tuple(self.units))
+
+    def matches(self, name: str) -> bool:
+        if self.modules.startswith("re:"):
+            return re.fullmatch(self.modules[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.modules)
+
+
+@dataclass(frozen=True)
+class Route:
+    """For data with ``label``, at ``target``, multiply the gradient of some units by some weights.
+
+    Args:
+        label: one of the label names declared on the router / callback.
+        target: a key of the router's ``targets`` mapping.
+        weights: a single weight for all of the target's units, or a mapping from a unit selection
+            (``"expanded"``, ``"original"``, ``"0:16"``, ``"all"``...) to a weight. Later entries win where
+            selections overlap. Units not named keep weight 1; labels with no route keep weight 1 everywhere.
+
+    Example: the paper's ERA route for forget tokens::
+
+        Route(label="forget", target="mlp", weights={"original": -0.75, "expanded": 1.0})
+    """
+
+    label: str
+    target: str
+    weights: Union[float, Mapping[str, float]] = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, Mapping):
+            if not self.weights:
+                raise ValueError(f"Route {self.label!r} -> {self.target!r}: weights mapping is empty")
+            for units, w in self.weights.items():
+                _check_units(units, f"Route {self.label!r} -> {self.target!r}")
+                _check_weight(w, self)
+            object.__setattr__(self, "weights", dict(self.weights))
+        else:
+            _check_weight(self.weights, self)
+
+    def unit_weights(self) -> list[tuple[Units | None, float]]:
+        """``(units, weight)`` pairs in application order; ``None`` units mean the target's own units."""
+        if isinstance(self.weights, Mapping):
+            return [(u, float(w)) for u, w in self.weights.items()]
+        return [(None, float(self.weights))]
+
+
+def _check_weight(w: object, route: Route) -> None:
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or w in (float("inf"), float("-inf")):
+        raise ValueError(f"Route {route.label!r} -> {route.target!r}: weight {w!r} is not a finite number")
+
+
+def resolve_modules(model: nn.Module, target: Target, target_name: str = "") -> list[tuple[str, nn.Module]]:
+    """Return the ``(name, module)`` pairs of ``model`` that ``target`` matches, in model order.
+
+    Raises:
+        ValueError: nothing matched; the message lists the closest module names.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]
+    hits = [(n, m) for n, m in named if target.matches(n)]
+    if not hits:
+        names = [n for n, _ in named]
+        probe = target.modules[3:] if target.modules.startswith("re:") else target.modules
+        close = difflib.get_close_matches(probe, names, n=5, cutoff=0.3) or names[:5]
+        raise ValueError(
+            f"target {target_name or target.modules!r}: pattern {target.modules!r} matches no module of "
+            f"{type(model).__name__}; closest names: {', '.join(close)}"
+        )
+    return hits
+
+
+def feature_size_hint(module: nn.Module, site: str) -> int | None:
+    """The feature size at a site when the module type tells it (so unit ranges are checked before training)."""
+    if isinstance(module, nn.Linear):
+        return module.out_features if site == "output" else module.in_features
+    if isinstance(module, nn.Embedding) and site == "output":
+        return module.embedding_dim
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.normalized_shape:
+        return module.normalized_shape[-1]
+    conv1d = getattr(module, "nf", None)  # HF GPT-2 Conv1D: weight (in, out)
+    if conv1d is not None and type(module).__name__ == "Conv1D":
+        w: torch.Tensor = module.weight  # type: ignore[assignment]
+        return w.shape[1] if site == "output" else w.shape[0]
+    return None
+
