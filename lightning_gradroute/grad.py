@@ -91,8 +91,10 @@ class _RouteGradientByLabel(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
         labels, table = ctx.saved_tensors
-        mask = label_mask(labels, table.to(grad.dtype), ctx.feature_dim, grad.dim())
-        return grad * mask, None, None, None
+        # Hard labels gather rows, which commutes with the cast, so cast the small table first. Soft labels
+        # interpolate in the table's precision (fp32) and cast the result once.
+        mask = label_mask(labels, table if labels.is_floating_point() else table.to(grad.dtype), ctx.feature_dim, grad.dim())
+        return grad * mask.to(grad.dtype), None, None, None
 
 
 def route_gradient_by_label(x: Tensor, labels: Tensor, table: Tensor, feature_dim: int = -1) -> Tensor:
