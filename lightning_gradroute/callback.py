@@ -114,15 +114,27 @@ class GradientRoutingCallback(Callback):
             "label_totals": self.label_totals,
         }
 
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("config_hash") != self.config_hash:
+    def _check_config(self, saved_hash: object) -> None:
+        if saved_hash != self.config_hash:
             raise ValueError(
-                f"GradientRoutingCallback: the checkpoint was trained with routing config {state_dict.get('config_hash')}"
+                f"GradientRoutingCallback: the checkpoint was trained with routing config {saved_hash}"
                 f", this callback has {self.config_hash}; resume with the same targets, routes and labels"
             )
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._check_config(state_dict.get("config_hash"))
         self.steps_routed = int(state_dict["steps_routed"])
         self._label_totals = torch.tensor(state_dict["label_totals"], dtype=torch.float64)
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning finds this callback's state by state_key, which contains the config hash: the state of another
+        # routing config would silently not be loaded at all. Fail instead.
+        states = checkpoint.get("callbacks", {})
+        saved = [s.get("config_hash") for k, s in states.items() if k.startswith(f"{type(self).__qualname__}{{")]
+        if saved and self.state_key not in states:
+            self._check_config(", ".join(map(str, saved)))
 
     # ---------------------------------------------------------------- lifecycle
     def unit_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> UnitGroups:
@@ -161,7 +173,8 @@ class GradientRoutingCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.router.clear_labels()
+        # Lightning skips teardown when fit raises: remove the hooks (and labels) here, or they leak.
+        self.router.detach()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
