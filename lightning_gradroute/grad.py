@@ -7,7 +7,9 @@ Two entry points share one idea:
   weight table. It saves only the labels and the table and rebuilds the mask in backward, so memory does not
   grow with ``batch x seq x features``. This is what the router uses.
 
-Both return a *view* of ``x`` (no copy, bit-identical values for any weight and dtype). The weight is applied
+Both return ``x.detach()`` re-attached to the graph through the routing function: the same storage (no copy,
+bit-identical values for any weight and dtype), but not an autograd view, so an in-place op on the result (a
+``ReLU(inplace=True)`` after the routed module) is allowed where it would be on ``x``. The weight is applied
 as a tensor multiplication in backward, never as control flow, so a zero weight keeps every parameter in the
 autograd graph (DDP with ``find_unused_parameters=False`` or ``static_graph`` keeps working).
 """
@@ -26,7 +28,7 @@ class _RouteGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(weight)
-        return x.view_as(x)
+        return x.detach()  # shares x's storage; a view_as view would forbid in-place ops downstream
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
@@ -86,7 +88,7 @@ class _RouteGradientByLabel(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, labels: Tensor, table: Tensor, feature_dim: int) -> Tensor:
         ctx.save_for_backward(labels, table)
         ctx.feature_dim = feature_dim
-        return x.view_as(x)
+        return x.detach()  # shares x's storage; a view_as view would forbid in-place ops downstream
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:

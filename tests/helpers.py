@@ -202,19 +202,20 @@ class TokenModel(pl.LightningModule):
 class MixinTokenModel(GradientRoutingMixin, TokenModel):
     """:class:`TokenModel` whose loss comes from :meth:`GradientRoutingMixin.routed_loss` (logged per label).
 
-    ``record`` keeps every step's detached ``(item_losses, labels, valid)`` so tests can hand-compute what was
-    logged; ``normalization`` sets ``loss_normalization``.
+    ``record`` keeps every step's ``(stage, item_losses, labels, valid)`` (detached) so tests can hand-compute
+    what was logged; ``normalization`` sets ``loss_normalization``.
     """
 
     def __init__(self, lr: float = 0.1, normalization: str = "local") -> None:
         super().__init__(lr=lr)
         self.loss_normalization = normalization  # type: ignore[assignment]
-        self.record: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        self.record: list[tuple[str, Tensor, Tensor, Tensor | None]] = []
 
     def _routed(self, batch: Mapping[str, Tensor]) -> Tensor:
         losses = self.item_losses(batch)
         labels, valid = batch["route_labels"], batch.get("valid")
-        self.record.append((losses.detach().clone(), labels.clone(), None if valid is None else valid.clone()))
+        stage = "train" if self.trainer.training else "val"
+        self.record.append((stage, losses.detach().clone(), labels.clone(), None if valid is None else valid.clone()))
         return self.routed_loss(losses, labels, valid=valid)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
