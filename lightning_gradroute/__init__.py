@@ -6,6 +6,15 @@ chosen parts of the network.
 """
 
 from lightning_gradroute.callback import GradientRoutingCallback
+from lightning_gradroute.expansion import (
+    Expansion,
+    ExpansionRecord,
+    contract,
+    expand,
+    expansion_record,
+    save_ablated,
+    zero_expanded,
+)
 from lightning_gradroute.grad import route_gradient, route_gradient_by_label
 from lightning_gradroute.labels import BatchKey, LabelSource
 from lightning_gradroute.mixin import GradientRoutingMixin
@@ -14,13 +23,20 @@ from lightning_gradroute.targets import Route, Target
 
 __all__ = [
     "BatchKey",
+    "Expansion",
+    "ExpansionRecord",
     "GradientRouter",
     "GradientRoutingCallback",
     "GradientRoutingMixin",
     "LabelSource",
     "Route",
     "Target",
+    "contract",
+    "expand",
+    "expansion_record",
     "route_gradient",
     "route_gradient_by_label",
+    "save_ablated",
+    "zero_expanded",
 ]
 __version__ = "0.1.0"

@@ -5,15 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_gradroute.expansion import (
+    Expansion,
+    ExpansionRecord,
+    check_same_expansion,
+    contract,
+    expand,
+    expansion_record,
+    save_ablated,
+    zero_expanded,
+)
 from lightning_gradroute.labels import BatchKey, LabelSource
 from lightning_gradroute.router import GradientRouter
 from lightning_gradroute.targets import Route, Target, UnitGroups
@@ -38,6 +50,14 @@ class GradientRoutingCallback(Callback):
       (after backward, so activation checkpointing's recomputation sees the same labels).
     * ``teardown("fit")``: removes the hooks; nothing leaks into a later ``validate`` / ``test``.
 
+    Expand-Route-Ablate (ERA): with ``expansions``, ``setup("fit")`` first grows the model (new parameters
+    exist before checkpoint restore, DDP wrapping and ``configure_optimizers``), and routes may use the units
+    ``"expanded"`` / ``"original"``. ``on_fit_end`` (model unwrapped, after the last ``ModelCheckpoint`` save)
+    ablates: ``"contract"`` slices the model back to its original architecture, ``"zero"`` zeroes the new
+    units keeping the shapes; the ablated weights are then saved to ``<log_dir>/ablated/``
+    (``model.safetensors``, plus ``save_pretrained`` output for each HF model inside). Checkpoints carry the
+    expansion under ``checkpoint["gradroute"]``.
+
     Example::
 
         import lightning.pytorch as pl
@@ -51,6 +71,15 @@ class GradientRoutingCallback(Callback):
         trainer = pl.Trainer(callbacks=[routing])
         trainer.fit(my_module, my_datamodule)   # batches are dicts with a "route_labels" tensor
 
+    ERA on an HF GPT-Neo held as ``self.model``::
+
+        GradientRoutingCallback(
+            targets={"mlp": Target("model.transformer.h.[0-4].mlp.act")},
+            routes=[Route(label="forget", target="mlp", weights={"original": -0.75, "expanded": 1.0})],
+            expansions=[Expansion("model.transformer.h.*.mlp", preset="gpt_neo_mlp", add=64)],
+            ablate="contract",
+        )
+
     Args:
         targets: named :class:`~lightning_gradroute.Target` s (where). Patterns match
             ``pl_module.named_modules()``.
@@ -61,11 +90,19 @@ class GradientRoutingCallback(Callback):
             ``label_source`` is given.
         label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch.
         remove_labels_from_batch: pop ``label_key`` out of a dict batch before ``training_step`` sees it.
+        expansions: :class:`~lightning_gradroute.Expansion` s applied in ``setup("fit")``.
+        ablate: what ``on_fit_end`` does to an expanded model: ``"contract"`` (original shapes; required by
+            ``strategy="ddp_spawn"``, whose main process reloads rank 0's weights into the unexpanded model),
+            ``"zero"`` (keep shapes, zero the new units) or ``None`` (keep the trained expanded model).
+        save_ablated: save the ablated weights: ``True`` under ``trainer.log_dir`` (or ``default_root_dir``),
+            a path for another directory, ``False`` not at all.
 
     Raises:
-        ValueError: in the constructor for malformed targets, routes or labels; in ``setup`` for a pattern
-            that matches no module (with the closest names) or units out of range; at the first batch for
-            labels of the wrong shape, dtype or range.
+        ValueError: in the constructor for malformed targets, routes, labels or expansions; in ``setup`` for a
+            pattern that matches no module (with the closest names), units out of range, ``"expanded"`` units
+            on a module no expansion covers, a module an expansion preset does not fit, or ``ablate`` other than
+            ``"contract"`` under ``ddp_spawn``; at checkpoint restore for a checkpoint of another expansion;
+            at the first batch for labels of the wrong shape, dtype or range.
     """
 
     def __init__(
@@ -76,8 +113,23 @@ class GradientRoutingCallback(Callback):
         label_key: str | int = "route_labels",
         label_source: LabelSource | None = None,
         remove_labels_from_batch: bool = False,
+        expansions: Sequence[Expansion] = (),
+        ablate: Literal["contract", "zero"] | None = "contract",
+        save_ablated: bool | str = True,
     ) -> None:
         self.router = GradientRouter(targets, routes, labels)
+        if ablate not in ("contract", "zero", None):
+            raise ValueError(f"GradientRoutingCallback: ablate must be 'contract', 'zero' or None, got {ablate!r}")
+        for expansion in expansions:
+            if not isinstance(expansion, Expansion):
+                raise ValueError(f"GradientRoutingCallback: expansions must be Expansion objects, got {expansion!r}")
+        self.expansions = list(expansions)
+        self.ablate = ablate
+        self.save_ablated = save_ablated
+        #: ``"none"`` (never expanded), ``"expanded"``, or after ``on_fit_end`` ``"zeroed"`` / ``"contracted"``.
+        self.phase = "none"
+        self.record: ExpansionRecord | None = None  # the model's expansion, kept after contraction
+        self.ablated_dir: Path | None = None
         if label_source is not None and not callable(label_source):
             raise ValueError(f"GradientRoutingCallback: label_source {label_source!r} is not callable")
         self.label_source: LabelSource = label_source or BatchKey(label_key, remove=remove_labels_from_batch)
@@ -112,6 +164,7 @@ class GradientRoutingCallback(Callback):
             "config_hash": self.config_hash,
             "steps_routed": self.steps_routed,
             "label_totals": self.label_totals,
+            "phase": self.phase,
         }
 
     def _check_config(self, saved_hash: object) -> None:
@@ -126,6 +179,12 @@ class GradientRoutingCallback(Callback):
         self._check_config(state_dict.get("config_hash"))
         self.steps_routed = int(state_dict["steps_routed"])
         self._label_totals = torch.tensor(state_dict["label_totals"], dtype=torch.float64)
+        self.phase = state_dict.get("phase", self.phase)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.record is not None:
+            checkpoint["gradroute"] = {"phase": self.phase, "expansion": self.record.to_dict()}
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -135,11 +194,20 @@ class GradientRoutingCallback(Callback):
         saved = [s.get("config_hash") for k, s in states.items() if k.startswith(f"{type(self).__qualname__}{{")]
         if saved and self.state_key not in states:
             self._check_config(", ".join(map(str, saved)))
+        if checkpoint.get("gradroute", {}).get("phase") == "contracted":
+            raise ValueError(
+                "GradientRoutingCallback: the checkpoint holds already-ablated (contracted) weights, nothing to "
+                "resume; load them into the model and start a new fit without ckpt_path"
+            )
+        saved = checkpoint.get("gradroute", {}).get("expansion")
+        saved_record = ExpansionRecord.from_dict(saved) if saved else None
+        check_same_expansion(saved_record, expansion_record(pl_module), "GradientRoutingCallback")
 
     # ---------------------------------------------------------------- lifecycle
     def unit_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> UnitGroups:
         """Symbolic unit groups (``"expanded"`` / ``"original"``) per hook site; none without an expansion."""
-        return {}
+        record = expansion_record(pl_module)
+        return record.unit_groups if record else {}
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -149,6 +217,21 @@ class GradientRoutingCallback(Callback):
             # Lightning calls configure_model only after Callback.setup; layers it builds must exist before
             # the patterns are resolved. configure_model is required to be idempotent.
             pl_module.configure_model()
+        if self.expansions:
+            if self.ablate != "contract" and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+                raise ValueError(
+                    f"GradientRoutingCallback: ablate={self.ablate!r} keeps the expanded shapes, which a "
+                    f"{type(trainer.strategy).__name__} launched by multiprocessing (ddp_spawn, ddp_fork) cannot "
+                    "hand back to the main process's unexpanded model; use ablate='contract' or strategy='ddp'"
+                )
+            expand(pl_module, self.expansions)
+        self.record = expansion_record(pl_module)
+        if self.record is not None:
+            self.phase = "expanded"
+            if self.ablate and self.save_ablated:
+                # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
+                root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir
+                self.ablated_dir = Path(root or trainer.default_root_dir) / "ablated"
         self.router.attach(pl_module, self.unit_groups(trainer, pl_module))
         rank_zero_info(f"gradient routing on {len(self.router.sites)} sites:\n{self.router.describe()}")
 
@@ -170,6 +253,20 @@ class GradientRoutingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.router.clear_labels()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.ablate is None or expansion_record(pl_module) is None:
+            return
+        if self.ablate == "contract":
+            contract(pl_module)
+            self.phase = "contracted"
+        else:
+            zero_expanded(pl_module)
+            self.phase = "zeroed"
+        if self.ablated_dir is not None and trainer.is_global_zero:
+            save_ablated(pl_module, self.ablated_dir, hf=self.phase == "contracted")
+            rank_zero_info(f"ablated ({self.phase}) weights saved to {self.ablated_dir}")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

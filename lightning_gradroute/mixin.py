@@ -9,6 +9,14 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from lightning_gradroute.expansion import (
+    Expansion,
+    ExpansionRecord,
+    check_same_expansion,
+    contract,
+    expand,
+    expansion_record,
+)
 from lightning_gradroute.labels import check_labels
 
 __all__ = ["GradientRoutingMixin"]
@@ -36,7 +44,14 @@ class GradientRoutingMixin:
                 losses = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
                 return self.routed_loss(losses, batch["route_labels"], valid=batch["attention_mask"][:, 1:])
 
+    Expanded checkpoints: :meth:`on_load_checkpoint` rebuilds the shapes recorded in ``checkpoint["gradroute"]``
+    (written by :class:`~lightning_gradroute.GradientRoutingCallback`, and by this mixin for a module it
+    expanded) before the weights load, so ``MyModule.load_from_checkpoint(path)`` works on a checkpoint taken
+    mid-ERA, and on one taken after contraction. A module may also set ``self.expansions`` (e.g. from an
+    ``__init__`` argument kept in ``hparams``): :meth:`configure_model` then expands it.
+
     Class attributes:
+        expansions: :class:`~lightning_gradroute.Expansion` s applied in :meth:`configure_model`.
         routing_labels: label names; integer labels index them, float labels interpolate the first two.
         loss_normalization: ``"local"`` divides by this rank's item count (DDP then averages per-rank means,
             which differs from the global mean when counts differ); ``"global"`` divides by the all-reduced
@@ -44,6 +59,7 @@ class GradientRoutingMixin:
     """
 
     routing_labels: ClassVar[Sequence[str]] = ("retain", "forget")
+    expansions: Sequence[Expansion] = ()
     loss_normalization: Literal["local", "global"] = "local"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -51,6 +67,32 @@ class GradientRoutingMixin:
         self.routing_metrics = nn.ModuleDict(
             {f"{stage}_{label}": MeanMetric() for stage in _STAGES for label in self.routing_labels}
         )
+
+    def configure_model(self) -> None:
+        super().configure_model()  # type: ignore[misc]
+        if self.expansions:
+            expand(self, self.expansions)  # type: ignore[arg-type]  # idempotent
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
+        record = expansion_record(self)  # type: ignore[arg-type]
+        if record is not None:
+            checkpoint.setdefault("gradroute", {"phase": "expanded", "expansion": record.to_dict()})
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
+        saved = checkpoint.get("gradroute")
+        if not saved:
+            return
+        if saved["phase"] == "contracted":
+            if expansion_record(self) is not None:  # type: ignore[arg-type]
+                contract(self)  # type: ignore[arg-type]
+            return
+        saved_record = ExpansionRecord.from_dict(saved["expansion"])
+        current = expansion_record(self)  # type: ignore[arg-type]
+        if current is not None:  # expanded by the callback's setup or by configure_model
+            check_same_expansion(saved_record, current, type(self).__name__)
+        expand(self, [Expansion.from_dict(e) for e in saved_record.spec])  # type: ignore[arg-type]
 
     def routed_loss(
         self, item_losses: Tensor, labels: Tensor, valid: Tensor | None = None, stage: str | None = None

@@ -31,7 +31,15 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_gradroute.grad import route_gradient_by_label
 from lightning_gradroute.labels import check_labels
-from lightning_gradroute.targets import Route, Target, UnitGroups, feature_size_hint, resolve_modules, unit_indices
+from lightning_gradroute.targets import (
+    SYMBOLIC_UNITS,
+    Route,
+    Target,
+    UnitGroups,
+    feature_size_hint,
+    resolve_modules,
+    unit_indices,
+)
 
 __all__ = ["GradientRouter", "RoutedSite"]
 
@@ -73,6 +81,13 @@ class RoutedSite:
                     selected = target_units.intersection(unit_indices(units, size, self.unit_groups, self.where))
                 table[row, sorted(selected)] = weight
         return table
+
+    def check_unit_groups(self) -> None:
+        """Raise now if a symbolic unit group is used here that no expansion defined (sizes may be unknown)."""
+        used = [self.target.units] + [units for route in self.routes for units, _ in route.unit_weights()]
+        for units in used:
+            if isinstance(units, str) and units in SYMBOLIC_UNITS and units not in self.unit_groups:
+                unit_indices(units, 0, self.unit_groups, self.where)  # raises the standard message
 
     def table(self, size: int, device: torch.device) -> Tensor:
         key = (size, device)
@@ -182,6 +197,7 @@ class GradientRouter:
             routes = [r for r in self.routes if r.target == target_name]
             for module_name, module in resolve_modules(model, target, target_name):
                 site = RoutedSite(self, target_name, target, module_name, routes, groups.get((module_name, target.site)))
+                site.check_unit_groups()
                 size = feature_size_hint(module, target.site) if target.feature_dim == -1 else None
                 if size is not None:
                     site.build_table(size)  # fail now, not at step 1, on out-of-range or undefined units
