@@ -1,0 +1,65 @@
+"""Label sources: reading labels from dict / tuple batches, and configuring a LabelSource class from YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_gradroute import BatchKey, GradientRoutingCallback, LabelSource
+from lightning_gradroute.cli import GradrouteCLI
+
+
+def test_batch_key_reads_dicts_and_tuples() -> None:
+    labels = torch.tensor([0, 1])
+    assert BatchKey("route_labels")({"x": 1, "route_labels": labels}) is labels
+    assert BatchKey(2)((torch.zeros(2), torch.zeros(2), labels)) is labels
+    batch = {"x": 1, "route_labels": labels}
+    assert BatchKey("route_labels", remove=True)(batch) is labels
+    assert "route_labels" not in batch  # so `model(**batch)` does not see it
+
+
+@pytest.mark.parametrize(
+    ("key", "batch", "message"),
+    [
+        ("labels", {"x": 1}, r"batch has no key 'labels' \(keys: \['x'\]\)"),
+        (3, (1, 2), r"batch has 2 elements, no index 3"),
+        ("labels", (1, 2), r"cannot take 'labels' from a batch of type tuple"),
+    ],
+)
+def test_batch_key_errors_name_the_key(key: str | int, batch: object, message: str) -> None:
+    with pytest.raises(KeyError, match=message):
+        BatchKey(key)(batch)
+
+
+def test_batch_key_rejects_bad_key_eagerly() -> None:
+    with pytest.raises(ValueError, match="key must be a str or an int"):
+        BatchKey(1.5)  # type: ignore[arg-type]
+
+
+def test_label_source_is_configurable_from_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        """
+trainer:
+  callbacks:
+    - class_path: lightning_gradroute.GradientRoutingCallback
+      init_args:
+        targets: {hidden: {modules: net.0}}
+        routes: [{label: forget, target: hidden, weights: {"0:32": 0.0}}]
+        label_source: {class_path: lightning_gradroute.labels.BatchKey, init_args: {key: 2}}
+model: {class_path: lightning_gradroute.experiments.toy.TwoTaskRegressor}
+data: {class_path: lightning_gradroute.experiments.toy.TwoTaskData}
+"""
+    )
+    cli = GradrouteCLI(args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientRoutingCallback)]
+    assert isinstance(callback.label_source, LabelSource) and callback.label_source.key == 2
+
+
+def test_callback_rejects_a_non_callable_label_source() -> None:
+    from lightning_gradroute import Route, Target
+
+    with pytest.raises(ValueError, match="label_source 3 is not callable"):
+        GradientRoutingCallback({"t": Target("x")}, [Route("forget", "t")], label_source=3)  # type: ignore[arg-type]
