@@ -1,0 +1,93 @@
+"""Routing under DDP (``ddp_spawn``, 2 CPU processes, gloo): ranks stay in sync, no hang, equal to one process.
+
+Each rank trains on its own slice of every global batch (``RoutedDataModule(shard_global_batches=True)`` with
+``use_distributed_sampler=False``), so the routing masks differ per rank, and one rank never sees forget data.
+Rank-divergent autograd graphs would hang DDP rather than fail, hence the timeouts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import SEQ, MixinTokenModel, RoutedDataModule, token_data, trainer_kwargs
+from lightning.pytorch.callbacks import Callback
+
+from lightning_gradroute import GradientRoutingCallback, Route, Target
+
+DDP = dict(accelerator="cpu", devices=2, strategy="ddp_spawn", use_distributed_sampler=False)
+
+
+def routing() -> GradientRoutingCallback:
+    return GradientRoutingCallback(
+        targets={"code": Target("encoder")},
+        routes=[Route(label="forget", target="code", weights={"0:8": 0.0, "8:12": -0.75})],
+    )
+
+
+class SaveRankState(Callback):
+    """Each rank writes its parameters and its routing callback's label counts to ``<dir>/rank<r>.pt``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        routing_callback = next(c for c in trainer.callbacks if isinstance(c, GradientRoutingCallback))
+        state = {
+            "params": {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()},
+            "label_totals": routing_callback.label_totals,
+        }
+        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def rank_states(directory: Path) -> list[dict[str, Any]]:
+    return [torch.load(directory / f"rank{r}.pt") for r in range(2)]
+
+
+def token_columns() -> dict[str, torch.Tensor]:
+    """Four global batches of 4 sequences (2 per rank). Rank 0's rows carry all the forget tokens and most of
+    the padding, so per-rank item counts are uneven and rank 1 never sees forget data."""
+    labels = torch.zeros(16, SEQ, dtype=torch.long)
+    valid = torch.ones(16, SEQ)
+    for start in range(0, 16, 4):  # rows start, start+1 go to rank 0; start+2, start+3 to rank 1
+        labels[start, : 1 + start // 4] = 1
+        labels[start + 1, 2] = 1
+        valid[start, 3:] = 0
+        valid[start + 2, start // 4 + 1 :] = 0
+    return token_data(16, labels, valid, seed=3)
+
+
+@pytest.mark.timeout(120)
+def test_ranks_stay_identical_without_hang_and_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    # One 2-process fit and one 1-process fit on the same global batches, with gradient accumulation and the
+    # mixin's global loss normalization (per-rank counts differ, so "local" would not match).
+    results = {}
+    for processes in (1, 2):
+        torch.manual_seed(0)
+        model = MixinTokenModel(normalization="global")
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        directory = tmp_path / str(processes)
+        directory.mkdir()
+        distributed = DDP if processes == 2 else {}
+        trainer = pl.Trainer(
+            callbacks=[routing(), SaveRankState(directory)],
+            **trainer_kwargs(directory, accumulate_grad_batches=2, **distributed),
+        )
+        trainer.fit(model, RoutedDataModule(token_columns(), batch_size=4 // processes, shard_global_batches=True))
+        results[processes] = (rank_states(directory) if processes == 2 else [], trainer.callback_metrics, model)
+
+    ranks, ddp_logged, _ = results[2]
+    _, single_logged, single = results[1]
+    # The masks really differed per rank: rank 0 saw forget tokens, rank 1 none (and did not hang).
+    assert ranks[0]["label_totals"][1] > 0
+    assert ranks[1]["label_totals"][1] == 0.0
+    for name, param in single.named_parameters():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), f"{name} differs across ranks"
+        assert not torch.equal(param.detach(), initial[name]), f"{name} did not train"
+        torch.testing.assert_close(ranks[0]["params"][name], param.detach(), rtol=1e-5, atol=1e-6)
+    for key in ("train/loss_retain", "train/loss_forget"):
+        assert torch.isfinite(ddp_logged[key])
+        torch.testing.assert_close(ddp_logged[key], single_logged[key], rtol=1e-5, atol=1e-6)
