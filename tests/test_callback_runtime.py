@@ -112,14 +112,16 @@ def test_gradient_accumulation_sums_routed_micro_batches(tmp_path: Any) -> None:
     assert_grads_close(actual, {n: (micro[0][n] + micro[1][n]) / 2 for n in actual})
 
 
-class ActivationDtypes(Callback):
-    """Records the dtype of the routed activation as the next module (``act``) receives it."""
+class InputDtypes(Callback):
+    """Records, per forward call during training, the dtype of the input of ``module`` (a pre-hook)."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: str) -> None:
+        self.module = module
         self.dtypes: list[torch.dtype] = []
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.handle = pl_module.act.register_forward_pre_hook(lambda m, args: self.dtypes.append(args[0].dtype))
+        module = pl_module.get_submodule(self.module)
+        self.handle = module.register_forward_pre_hook(lambda m, args: self.dtypes.append(args[0].dtype))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.handle.remove()
@@ -144,7 +146,7 @@ def test_bf16_mixed_forward_bit_identical_activations_stay_bf16_gradient_exact(t
     model = OutputRecordingTokenModel()
     reference = fresh_copy(model)
     batch = token_batch(torch.rand(4, SEQ, generator=torch.Generator().manual_seed(4)))
-    dtypes = ActivationDtypes()
+    dtypes = InputDtypes("act")  # act consumes the routed activation
     capture = GradCapture()
     pl.Trainer(
         callbacks=[routing(), capture, dtypes], **trainer_kwargs(tmp_path, max_steps=1, precision="bf16-mixed")
@@ -181,34 +183,18 @@ def test_compiled_module_with_hooks_registered_in_setup_routes_exactly(tmp_path:
     assert_grads_close(capture.grads[1], expected_grads(reference, second))
 
 
-class CountCalls(Callback):
-    """Counts forward calls of the routed module (activation checkpointing re-runs them in backward)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.handle = pl_module.encoder.register_forward_hook(self.count)
-
-    def count(self, *args: Any) -> None:
-        self.calls += 1
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.handle.remove()
-
-
 @pytest.mark.timeout(60)
 def test_activation_checkpointing_gradient_equals_non_checkpointed(tmp_path: Any) -> None:
     data = example_data(6, [0, 1, 1, 0, 1, 0])
     grads, calls = [], []
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        counter, capture = CountCalls(), GradCapture()
-        pl.Trainer(callbacks=[routing(), capture, counter], **trainer_kwargs(tmp_path, max_steps=1)).fit(
+        act_inputs, capture = InputDtypes("act"), GradCapture()
+        pl.Trainer(callbacks=[routing(), capture, act_inputs], **trainer_kwargs(tmp_path, max_steps=1)).fit(
             TinyClassifier(checkpoint_encoder=checkpointed), RoutedDataModule(data, batch_size=6)
         )
         grads.append(capture.grads[0])
-        calls.append(counter.calls)
+        calls.append(len(act_inputs.dtypes))
     assert calls == [1, 2]  # the checkpointed run recomputed the routed module (and its hook) in backward
     assert_grads_close(grads[1], grads[0], rtol=0, atol=0)
 
