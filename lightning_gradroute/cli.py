@@ -2,13 +2,18 @@
 
     gradroute fit --config recipes/toy/split.yaml
     gradroute fit --config recipes/toy/split.yaml --trainer.devices 8 --trainer.strategy ddp
+    gradroute ablate --checkpoint last.ckpt --output ablated.ckpt     # see lightning_gradroute.ablate_cli
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+
+from lightning_gradroute import ablate_cli
 
 __all__ = ["GradrouteCLI", "main"]
 
@@ -33,6 +38,11 @@ class GradrouteCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
+    """``gradroute ablate ...`` ablates a saved checkpoint; every other subcommand is LightningCLI's."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["ablate"]:
+        ablate_cli.main(argv[1:])
+        return
     GradrouteCLI(args=args)
 
 

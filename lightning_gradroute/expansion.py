@@ -54,10 +54,10 @@ from lightning_gradroute.targets import Target, resolve_modules
 
 __all__ = [
     "PRESETS",
+    "ablate_state_dict",
     "Expansion",
     "ExpansionRecord",
     "contract",
-    "contract_state_dict",
     "check_same_expansion",
     "expand",
     "expansion_record",
@@ -450,18 +450,41 @@ def _keep_index(entry: Mapping[str, Any], device: torch.device) -> Tensor:
     return torch.tensor(_indices(entry["keep"]), dtype=torch.long, device=device)
 
 
-def contract_state_dict(state_dict: Mapping[str, Tensor], record: ExpansionRecord, prefix: str = "") -> dict[str, Tensor]:
-    """A copy of ``state_dict`` with every expanded tensor sliced back to its original shape.
+def _contracted(tensor: Tensor, entry: Mapping[str, Any]) -> Tensor:
+    return tensor.index_select(entry["dim"], _keep_index(entry, tensor.device)).clone()
+
+
+def _zeroed(tensor: Tensor, entry: Mapping[str, Any]) -> Tensor:
+    kept = torch.zeros(tensor.shape[entry["dim"]], dtype=tensor.dtype, device=tensor.device)
+    kept[_keep_index(entry, tensor.device)] = 1
+    shape = [1] * tensor.dim()
+    shape[entry["dim"]] = -1
+    return tensor * kept.view(shape)
+
+
+_ABLATIONS = {"contract": _contracted, "zero": _zeroed}
+
+
+def ablate_state_dict(
+    state_dict: Mapping[str, Tensor],
+    record: ExpansionRecord,
+    mode: Literal["contract", "zero"] = "contract",
+    prefix: str = "",
+) -> dict[str, Tensor]:
+    """A copy of an expanded ``state_dict`` with the new units removed (``"contract"``: original shapes) or
+    zeroed (``"zero"``), without building the model (this is what ``gradroute ablate`` does to a checkpoint).
 
     ``prefix`` is prepended to the record's parameter names (e.g. ``"model."``). Tensors the record does not
     name are passed through (not copied).
     """
+    if mode not in _ABLATIONS:
+        raise ValueError(f"ablate_state_dict: mode must be 'contract' or 'zero', got {mode!r}")
     out = dict(state_dict)
     for name, entry in record.params.items():
         key = prefix + name
         if key not in out:
-            raise ValueError(f"contract_state_dict: the state dict has no {key!r}; was it saved from this expansion?")
-        out[key] = out[key].index_select(entry["dim"], _keep_index(entry, out[key].device)).clone()
+            raise ValueError(f"ablate_state_dict: the state dict has no {key!r}; was it saved from this expansion?")
+        out[key] = _ABLATIONS[mode](out[key], entry)
     return out
 
 
@@ -475,8 +498,7 @@ def contract(model: nn.Module, record: ExpansionRecord | None = None) -> nn.Modu
     for name, entry in record.params.items():
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
-        param: Tensor = getattr(module, attr)
-        _set_param(module, attr, param.detach().index_select(entry["dim"], _keep_index(entry, param.device)).clone())
+        _set_param(module, attr, _contracted(getattr(module, attr).detach(), entry))
     for module_name, attrs in record.attrs.items():
         module = model.get_submodule(module_name)
         for attr, (original, _) in attrs.items():
@@ -494,12 +516,8 @@ def zero_expanded(model: nn.Module, record: ExpansionRecord | None = None) -> nn
     record = _require_record(model, record, "zero_expanded")
     with torch.no_grad():
         for name, entry in record.params.items():
-            param: Tensor = model.get_parameter(name)
-            kept = torch.zeros(param.shape[entry["dim"]], dtype=torch.bool, device=param.device)
-            kept[_keep_index(entry, param.device)] = True
-            shape = [1] * param.dim()
-            shape[entry["dim"]] = -1
-            param.mul_(kept.view(shape).to(param.dtype))
+            param = model.get_parameter(name)
+            param.copy_(_zeroed(param.detach(), entry))
     return model
 
 

@@ -18,7 +18,7 @@ import transformers
 from era_models import NEURONS, NeoLM, token_batch
 from helpers import GradCapture, RoutedDataModule, fresh_copy, hand_masked_grads, trainer_kwargs
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 
 from lightning_gradroute import (
     Expansion,
@@ -28,6 +28,7 @@ from lightning_gradroute import (
     expand,
     expansion_record,
 )
+from lightning_gradroute.cli import main
 
 ADD = 4
 C_FC = "model.transformer.h.1.mlp.c_fc.weight"
@@ -227,3 +228,25 @@ def test_constructor_rejects_bad_ablate_and_expansions() -> None:
     with pytest.raises(ValueError, match="expansions must be Expansion objects"):
         era(expansions=["transformer.h.*.mlp"])  # type: ignore[list-item]
 
+
+
+def test_gradroute_ablate_command_contracts_a_saved_checkpoint(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    fit(NeoLM(), [era(), checkpoint], mixed_data(), tmp_path, max_epochs=1, enable_checkpointing=True)
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    expanded = torch.load(ckpt, weights_only=False)["state_dict"]
+
+    main(["ablate", "--checkpoint", str(ckpt), "--output", str(tmp_path / "ablated.ckpt")])
+    loaded = NeoLM.load_from_checkpoint(tmp_path / "ablated.ckpt")
+    assert expansion_record(loaded) is None and loaded.get_parameter(C_FC).shape[0] == NEURONS
+    assert torch.equal(loaded.get_parameter(C_FC), expanded[C_FC][:NEURONS])
+    main(["ablate", "--checkpoint", str(ckpt), "--output", str(tmp_path / "w.safetensors")])
+    weights_only = NeoLM(seed=3)
+    weights_only.load_state_dict(load_file(tmp_path / "w.safetensors"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in weights_only.state_dict().items())
+
+    with pytest.raises(ValueError, match=r"ablated.ckpt is already ablated \(phase 'contracted'\)"):
+        main(["ablate", "--checkpoint", str(tmp_path / "ablated.ckpt"), "--output", str(tmp_path / "again.ckpt")])
+    torch.save({"state_dict": expanded}, tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match="has no checkpoint\\['gradroute'\\]; it was not saved mid-ERA"):
+        main(["ablate", "--checkpoint", str(tmp_path / "plain.ckpt"), "--output", str(tmp_path / "x.ckpt")])

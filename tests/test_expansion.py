@@ -16,7 +16,7 @@ from era_models import HIDDEN, NEURONS, PRESET_MODELS, SEQ, VOCAB, gpt2, gpt_neo
 from torch import Tensor, nn
 
 from lightning_gradroute import Expansion, ExpansionRecord, contract, expand, expansion_record, zero_expanded
-from lightning_gradroute.expansion import contract_state_dict
+from lightning_gradroute.expansion import ablate_state_dict
 
 
 def ids(seed: int = 0) -> Tensor:
@@ -106,7 +106,7 @@ def test_linear_pair_on_a_custom_module_with_init_options() -> None:
     assert torch.count_nonzero(model.encoder[0].weight[6:]) == 0
 
 
-def test_zero_ablation_equals_contraction_and_state_dicts_contract_offline() -> None:
+def test_zero_ablation_equals_contraction_and_state_dicts_ablate_offline() -> None:
     torch.manual_seed(0)
     model, x = llama(), ids()
     record = expand(model, [Expansion("model.layers.*.mlp", preset="llama_mlp", add=4),
@@ -115,14 +115,15 @@ def test_zero_ablation_equals_contraction_and_state_dicts_contract_offline() -> 
         for p in model.parameters():  # "training" reaches every new weight
             p.add_(0.05 * torch.randn_like(p))
     expanded = {k: v.clone() for k, v in model.state_dict().items()}
-    offline = contract_state_dict(expanded, record)
+    offline, offline_zero = ablate_state_dict(expanded, record), ablate_state_dict(expanded, record, mode="zero")
     zeroed = zero_expanded(model)
+    assert all(torch.equal(offline_zero[k], v) for k, v in zeroed.state_dict().items())
     zero_logits = logits(zeroed, x)
     contract(model)
     assert all(torch.equal(offline[k], v) for k, v in model.state_dict().items())
     torch.testing.assert_close(logits(model, x), zero_logits, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="has no 'prefix.model.layers.0.mlp"):
-        contract_state_dict(expanded, record, prefix="prefix.")
+        ablate_state_dict(expanded, record, prefix="prefix.")
 
 
 def test_record_round_trips_through_json_and_torch_save() -> None:

@@ -1,0 +1,67 @@
+"""``gradroute ablate``: remove the expanded units from a saved mid-ERA Lightning checkpoint, later, offline.
+
+    gradroute ablate --checkpoint runs/era/checkpoints/last.ckpt --output ablated.ckpt
+    gradroute ablate --checkpoint last.ckpt --output ablated.safetensors        # weights only
+    gradroute ablate --checkpoint last.ckpt --output zeroed.ckpt --mode zero    # keep the expanded shapes
+
+The checkpoint must come from a run with :class:`~lightning_gradroute.GradientRoutingCallback` expansions (or a
+:class:`~lightning_gradroute.GradientRoutingMixin` module that expanded itself): its ``checkpoint["gradroute"]``
+says which tensors were grown and how, so no model needs to be built. A ``.ckpt`` output keeps everything but
+the optimizer and scheduler states (their shapes no longer fit) and records the new phase, so
+``MyModule.load_from_checkpoint("ablated.ckpt")`` gives the ablated model. A ``.safetensors`` output holds the
+state dict alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse import CLI
+from safetensors.torch import save_file
+
+from lightning_gradroute.expansion import ExpansionRecord, ablate_state_dict
+
+__all__ = ["ablate_checkpoint", "main"]
+
+_PHASES = {"contract": "contracted", "zero": "zeroed"}
+
+
+def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract", "zero"] = "contract") -> Path:
+    """Ablate the expanded units of a saved Lightning checkpoint.
+
+    Args:
+        checkpoint: a ``.ckpt`` saved while the model was expanded.
+        output: where to write: ``*.safetensors`` for the state dict alone, anything else for a checkpoint.
+        mode: ``contract`` slices the tensors back to the original shapes; ``zero`` zeroes the new units.
+
+    Returns:
+        The output path.
+    """
+    if mode not in _PHASES:
+        raise ValueError(f"gradroute ablate: mode must be 'contract' or 'zero', got {mode!r}")
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    saved = ckpt.get("gradroute") if isinstance(ckpt, dict) else None
+    if not saved or "state_dict" not in ckpt:
+        raise ValueError(f"gradroute ablate: {checkpoint} has no checkpoint['gradroute']; it was not saved mid-ERA")
+    if saved["phase"] != "expanded":
+        raise ValueError(f"gradroute ablate: {checkpoint} is already ablated (phase {saved['phase']!r})")
+    state = ablate_state_dict(ckpt["state_dict"], ExpansionRecord.from_dict(saved["expansion"]), mode)
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        # Clone so tensors that shared storage in the checkpoint (tied embeddings) are saved separately.
+        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))
+        return path
+    for key in ("optimizer_states", "lr_schedulers"):
+        ckpt.pop(key, None)
+    ckpt["state_dict"] = state
+    ckpt["gradroute"] = {**saved, "phase": _PHASES[mode]}
+    torch.save(ckpt, path)
+    return path
+
+
+def main(args: list[str] | None = None) -> None:
+    path = CLI(ablate_checkpoint, args=args, prog="gradroute ablate")
+    print(f"ablated weights written to {path}")
