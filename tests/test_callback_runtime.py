@@ -55,12 +55,14 @@ def routing() -> GradientRoutingCallback:
 
 def fit_and_capture(model: pl.LightningModule, data: RoutedDataModule, tmp_path: Any, **trainer: Any) -> GradCapture:
     capture = GradCapture()
-    pl.Trainer(callbacks=[routing(), capture], **trainer_kwargs(tmp_path, **{"max_steps": 1, **trainer})).fit(model, data)
+    trainer = pl.Trainer(callbacks=[routing(), capture], **trainer_kwargs(tmp_path, **{"max_steps": 1, **trainer}))
+    trainer.fit(model, data)
     return capture
 
 
 def expected_grads(reference: nn.Module, batch: dict[str, Tensor], table: Tensor | None = None) -> dict[str, Tensor]:
-    mask = soft_or_hard_mask(batch["route_labels"], weight_table() if table is None else table)  # (B, HIDDEN) or (B, T, HIDDEN)
+    # (B, HIDDEN) per example or (B, T, HIDDEN) per token
+    mask = soft_or_hard_mask(batch["route_labels"], weight_table() if table is None else table)
     return hand_masked_grads(reference, "encoder", mask, lambda: reference.compute_loss(batch))
 
 
@@ -80,10 +82,14 @@ def token_batch(labels: Tensor) -> dict[str, Tensor]:
     return token_data(len(labels), labels, seed=1)
 
 
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 CASES = {
     "per_example": lambda: (TinyClassifier(), example_data(6, [0, 1, 1, 0, 1, 0])),
-    "per_token": lambda: (TokenModel(), token_batch(torch.randint(0, 2, (4, SEQ), generator=torch.Generator().manual_seed(2)))),
-    "per_token_soft": lambda: (TokenModel(), token_batch(torch.rand(4, SEQ, generator=torch.Generator().manual_seed(3)))),
+    "per_token": lambda: (TokenModel(), token_batch(torch.randint(0, 2, (4, SEQ), generator=seeded(2)))),
+    "per_token_soft": lambda: (TokenModel(), token_batch(torch.rand(4, SEQ, generator=seeded(3)))),
 }
 
 
@@ -145,7 +151,7 @@ def test_bf16_mixed_forward_bit_identical_activations_stay_bf16_gradient_exact(t
     torch.manual_seed(0)
     model = OutputRecordingTokenModel()
     reference = fresh_copy(model)
-    batch = token_batch(torch.rand(4, SEQ, generator=torch.Generator().manual_seed(4)))
+    batch = token_batch(torch.rand(4, SEQ, generator=seeded(4)))
     dtypes = InputDtypes("act")  # act consumes the routed activation
     capture = GradCapture()
     pl.Trainer(
@@ -251,7 +257,7 @@ def test_mixin_logs_count_weighted_label_means_without_nan(tmp_path: Any) -> Non
 
 @pytest.mark.timeout(60)
 def test_mixin_soft_labels_split_fractionally(tmp_path: Any) -> None:
-    soft = torch.rand(4, SEQ, generator=torch.Generator().manual_seed(5))
+    soft = torch.rand(4, SEQ, generator=seeded(5))
     torch.manual_seed(0)
     model = MixinTokenModel()
     trainer = pl.Trainer(callbacks=[routing()], **trainer_kwargs(tmp_path))
