@@ -154,12 +154,17 @@ class _Plan:
     attrs: dict[str, int] = field(default_factory=dict)  # attributes of the matched module to set
 
 
-def _layer(module: nn.Module, name: str, where: str) -> nn.Module:
+def _submodule(module: nn.Module, name: str, where: str) -> nn.Module:
     try:
-        layer = module.get_submodule(name)
+        return module.get_submodule(name)
     except AttributeError:
         children = ", ".join(n for n, _ in module.named_children())
         raise ValueError(f"{where}: no submodule {name!r} (children: {children})") from None
+
+
+def _layer(module: nn.Module, name: str, where: str) -> nn.Module:
+    """The ``nn.Linear`` or HF ``Conv1D`` called ``name`` inside ``module``."""
+    layer = _submodule(module, name, where)
     if not isinstance(layer, nn.Linear) and not _is_conv1d(layer):
         raise ValueError(f"{where}: {name!r} is a {type(layer).__name__}, not an nn.Linear or HF Conv1D")
     return layer
@@ -180,7 +185,8 @@ def _neurons(up: Sequence[str], down: Sequence[str], between: Sequence[str]) -> 
         layers = {name: _layer(module, name, where) for name in (*up, *down)}
         for name in between:
             _submodule(module, name, where)
-        sizes = {f"{n}.out": _features(layers[n], "out") for n in up} | {f"{n}.in": _features(layers[n], "in") for n in down}
+        sizes = {f"{n}.out": _features(layers[n], "out") for n in up}
+        sizes |= {f"{n}.in": _features(layers[n], "in") for n in down}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"{where}: the unit layers disagree on the number of units: {sizes}")
         inserts = [(next(iter(sizes.values())), expansion.add)]
@@ -188,14 +194,6 @@ def _neurons(up: Sequence[str], down: Sequence[str], between: Sequence[str]) -> 
         return _Plan(resizes, between={n: (inserts[0][0], inserts) for n in between})
 
     return plan
-
-
-def _submodule(module: nn.Module, name: str, where: str) -> nn.Module:
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        children = ", ".join(n for n, _ in module.named_children())
-        raise ValueError(f"{where}: no submodule {name!r} (children: {children})") from None
 
 
 def _head_dim(module: nn.Module, where: str) -> int:
@@ -340,12 +338,13 @@ def _new_block(like: Tensor, dim: int, count: int, init: Init) -> Tensor:
     shape = list(like.shape)
     shape[dim] = count
     block = torch.zeros(shape, dtype=like.dtype, device=like.device)
-    if init != "zeros" and like.dim() > 1:
-        std = float(like.detach().float().std()) if init == "match" and like.numel() > 1 else init
-        if init == "match" and not std == std:  # noqa: PLR0124 (NaN check)
-            std = 0.02
-        block.normal_(0.0, float(std))
-    return block
+    if init == "zeros" or like.dim() < 2:  # biases always start at zero
+        return block
+    if init == "match":
+        std = float(like.detach().float().std()) if like.numel() > 1 else 0.02
+    else:
+        std = float(init)
+    return block.normal_(0.0, std)
 
 
 def _grow(old: Tensor, dim: int, inserts: Segments, init: Init) -> Tensor:
