@@ -182,12 +182,16 @@ class GradientRoutingCallback(Callback):
         self.phase = state_dict.get("phase", self.phase)
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         if self.record is not None:
             checkpoint["gradroute"] = {"phase": self.phase, "expansion": self.record.to_dict()}
 
     @override
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Lightning finds this callback's state by state_key, which contains the config hash: the state of another
         # routing config would silently not be loaded at all. Fail instead.
         states = checkpoint.get("callbacks", {})
