@@ -171,7 +171,7 @@ def test_bf16_mixed_forward_bit_identical_activations_stay_bf16_gradient_exact(t
 @pytest.mark.timeout(90)
 def test_compiled_module_with_hooks_registered_in_setup_routes_exactly(tmp_path: Any) -> None:
     # backend="aot_eager": AOTAutograd traces the hooks and the routing autograd.Function exactly as inductor
-    # would see them, but inductor's C++ codegen takes ~80 s on the 2-core CI machine.
+    # would see them; inductor's cold C++ codegen took over a minute on a 2-core CPU machine, too slow for CI.
     torch.manual_seed(0)
     model = TinyClassifier()
     reference = fresh_copy(model)
