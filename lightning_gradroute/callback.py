@@ -203,8 +203,8 @@ class GradientRoutingCallback(Callback):
                 "GradientRoutingCallback: the checkpoint holds already-ablated (contracted) weights, nothing to "
                 "resume; load them into the model and start a new fit without ckpt_path"
             )
-        saved = checkpoint.get("gradroute", {}).get("expansion")
-        saved_record = ExpansionRecord.from_dict(saved) if saved else None
+        expansion = checkpoint.get("gradroute", {}).get("expansion")
+        saved_record = ExpansionRecord.from_dict(expansion) if expansion else None
         check_same_expansion(saved_record, expansion_record(pl_module), "GradientRoutingCallback")
 
     # ---------------------------------------------------------------- lifecycle
