@@ -48,7 +48,8 @@ class GradientRoutingMixin:
     (written by :class:`~lightning_gradroute.GradientRoutingCallback`, and by this mixin for a module it
     expanded) before the weights load, so ``MyModule.load_from_checkpoint(path)`` works on a checkpoint taken
     mid-ERA, and on one taken after contraction. A module may also set ``self.expansions`` (e.g. from an
-    ``__init__`` argument kept in ``hparams``): :meth:`configure_model` then expands it.
+    ``__init__`` argument kept in ``hparams``): :meth:`configure_model` then expands it (a module that overrides
+    ``configure_model`` calls ``super().configure_model()`` after building its layers).
 
     Class attributes:
         expansions: :class:`~lightning_gradroute.Expansion` s applied in :meth:`configure_model`.
