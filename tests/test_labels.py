@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,8 @@ def test_batch_key_rejects_bad_key_eagerly() -> None:
         BatchKey(1.5)  # type: ignore[arg-type]
 
 
-def test_label_source_is_configurable_from_yaml(tmp_path: Path) -> None:
+def test_label_source_is_configurable_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["gradroute"])
     config = tmp_path / "c.yaml"
     config.write_text(
         """
