@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 APPENDIX = ROOT / "recipes" / "mnist" / "appendix"
-GROUPS = {"0-4": range(0, 5), "5-9": range(5, 10)}
+GROUPS = {"0-4": range(5), "5-9": range(5, 10)}
 OUTPUTS = {"certificate_0": "certificate, dims 0:16", "certificate_1": "certificate, dims 16:32", "decoder": "decoder"}
 
 
@@ -113,18 +113,22 @@ def main() -> None:
         + (f" -- {' '.join(args.extra)}" if args.extra else "")
         + f"` on base `{args.base.relative_to(ROOT)}`.",
         "",
-        f"Scale: {scale['epochs']} epochs, {scale['steps']} steps of batch {scale['batch_size']}, "
-        f"hidden sizes {scale['hidden_sizes']}, {len(args.seeds)} seeds per setting, {scale['test_images']} test "
-        f"images (the paper: 200 epochs of batch 2048, hidden [2048, 512], 20 runs). Each run used "
-        f"{min(cpu):.0f}-{max(cpu):.0f} s of CPU time and {min(wall):.0f}-{max(wall):.0f} s of wall-clock time "
-        f"({args.jobs} in parallel, one thread each, on a 2-core CPU shared with other work, so wall-clock times "
-        f"are pessimistic).",
+        (
+            f"Scale: {scale['epochs']} epochs, {scale['steps']} steps of batch {scale['batch_size']}, "
+            f"hidden sizes {scale['hidden_sizes']}, {len(args.seeds)} seeds per setting, {scale['test_images']} test "
+            f"images (the paper: 200 epochs of batch 2048, hidden [2048, 512], 20 runs). Each run used "
+            f"{min(cpu):.0f}-{max(cpu):.0f} s of CPU time and {min(wall):.0f}-{max(wall):.0f} s of wall-clock time "
+            f"({args.jobs} in parallel, one thread each, on a 2-core CPU shared with other work, so wall-clock times "
+            f"are pessimistic)."
+        ),
         "",
-        "Metric: per-image test MSE (pixels in [-1, 1]), mean over the (run x digit) rows of each digit group, "
-        "± the 95% half-width 1.96·std/√n, as the paper's analysis script aggregates it. The digits differ in "
-        "difficulty, so the interval is dominated by digit-to-digit spread, not by seeds. The paper's table shows "
-        "the certificate on dims 0:16 (its v1 code's only certificate), whose own digits are 5-9: a split shows "
-        "as a much larger error on 0-4 than on 5-9.",
+        (
+            "Metric: per-image test MSE (pixels in [-1, 1]), mean over the (run x digit) rows of each digit group, "
+            "± the 95% half-width 1.96·std/√n, as the paper's analysis script aggregates it. The digits differ in "
+            "difficulty, so the interval is dominated by digit-to-digit spread, not by seeds. The paper's table shows "
+            "the certificate on dims 0:16 (its v1 code's only certificate), whose own digits are 5-9: a split shows "
+            "as a much larger error on 0-4 than on 5-9."
+        ),
         "",
         *table(settings),
         "",

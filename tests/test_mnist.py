@@ -13,10 +13,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_gradroute import GradientRouter, GradientRoutingCallback
 from lightning_gradroute.cli import GradrouteCLI
-from lightning_gradroute.experiments.mnist import data as mnist_data
 from lightning_gradroute.experiments.mnist import (
     CertificateReport,
     MNISTDataModule,
@@ -26,6 +26,7 @@ from lightning_gradroute.experiments.mnist import (
     per_digit_errors,
     read_idx,
 )
+from lightning_gradroute.experiments.mnist import data as mnist_data
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "mnist"
@@ -170,7 +171,7 @@ def paper_loss(model: MNISTSplitAutoencoder, images, groups, good_group: int, go
     good_decoder = model.decoders[good_group] if hp.separate_decoders else model.decoders[0]
     bad_decoder = model.decoders[1 - good_group] if hp.separate_decoders else model.decoders[0]
     good, bad = groups == good_group, groups != good_group
-    mae = lambda out, rows: (out[rows] - images[rows]).abs().mean()  # noqa: E731
+    mae = lambda out, rows: (out[rows] - images[rows]).abs().mean()
     loss = hp.reconstruction_weights[good_group] * mae(good_decoder(through_first), good)
     loss = loss + (hp.reconstruction_weights[1 - good_group] - good_on_bad) * mae(bad_decoder(through_second), bad)
     loss = loss + good_on_bad * mae(good_decoder(through_first), bad)
@@ -207,7 +208,7 @@ def test_recipe_routing_equals_the_papers_detach_trick(configs, model_kwargs, go
     # The recipes route digits 5-9 (group 1) to dims 0:16 ("good" in the paper's v1 code), 0-4 to dims 16:32.
     expected = torch.autograd.grad(paper_loss(model, images, groups, 1, good_on_bad), list(model.parameters()))
     for (name, _), g, e in zip(model.named_parameters(), got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in got)
 
 
@@ -217,7 +218,8 @@ def test_a_groups_gradient_reaches_the_encoder_only_through_its_half(group, bloc
     model = MNISTSplitAutoencoder(hidden_sizes=(16, 8), l1_weights=(0.0, 0.0), correlation_weight=0.0)
     images, _ = fake_batch(n=6)
     groups = torch.full((6,), group)
-    grads = dict(zip([n for n, _ in model.named_parameters()], routed_grads(model, recipe_router("split.yaml"), images, groups)))
+    names = [n for n, _ in model.named_parameters()]
+    grads = dict(zip(names, routed_grads(model, recipe_router("split.yaml"), images, groups)))
     code_weight = grads["encoder.4.weight"]  # the last encoder layer: one row per code dim
     assert torch.count_nonzero(code_weight[blocked]) == 0
     kept = slice(16, 32) if blocked.start == 0 else slice(0, 16)
@@ -260,7 +262,9 @@ def test_per_digit_errors_and_split_summary_match_a_direct_computation() -> None
     assert summary[0]["own_mse"] == pytest.approx(sum(c0[5:]) / 5)
     assert summary[0]["other_to_own_ratio"] == pytest.approx(sum(c0[:5]) / sum(c0[5:]))
     sevens = digits == 7
-    only_sevens = per_digit_errors(model, [{"image": images[sevens], "digit": digits[sevens], "route_labels": digits[sevens] // 5}])
+    only_sevens = per_digit_errors(
+        model, [{"image": images[sevens], "digit": digits[sevens], "route_labels": digits[sevens] // 5}]
+    )
     assert math.isnan(only_sevens["decoder"][0]) and not math.isnan(only_sevens["decoder"][7])
 
 
@@ -273,33 +277,49 @@ def test_certificate_report_validates_own_digits() -> None:
 
 # ------------------------------------------------------------------------------------------------ recipes
 def run_recipe(tmp_path: Path, *configs: str, extra: list[str] | None = None) -> dict:
+    """``gradroute fit`` on the recipe with ``fast_dev_run``; returns its results.json."""
     args = [a for c in configs for a in ("--config", str(RECIPES / c))]
-    GradrouteCLI(
-        args=[
-            "fit",
-            *args,
-            "--trainer.fast_dev_run",
-            "true",
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--data.init_args.data_dir",
-            str(DATA),
-            *(extra or []),
-        ]
-    )
+    cli_args = ["--trainer.fast_dev_run", "true", "--trainer.default_root_dir", str(tmp_path)]
+    GradrouteCLI(args=["fit", *args, *cli_args, "--data.init_args.data_dir", str(DATA), *(extra or [])])
     return json.loads((tmp_path / "results.json").read_text())
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("recipe", "routed"), [("split.yaml", True), ("control.yaml", False)])
 def test_quick_recipes_smoke_run_through_the_cli(tmp_path: Path, recipe: str, routed: bool) -> None:
-    results = run_recipe(tmp_path, recipe)
+    GradrouteCLI(
+        args=[
+            "fit",
+            "--config",
+            str(RECIPES / recipe),
+            "--data.init_args.data_dir",
+            str(DATA),
+            "--trainer.logger.init_args.save_dir",  # the recipe's own TensorBoard logger, in tmp_path
+            str(tmp_path),
+            "--trainer.max_steps",
+            "1",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.limit_test_batches",
+            "1",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.enable_checkpointing",
+            "false",
+        ]
+    )
+    (log_dir,) = tmp_path.glob("*/version_0")
+    results = json.loads((log_dir / "results.json").read_text())
     assert results["routed"] is routed
     assert set(results["per_digit_mse"]) == {"decoder", "certificate_0", "certificate_1", "mean_image"}
     assert all(len(v) == 10 for v in results["per_digit_mse"].values())
     assert [c["code_dims"] for c in results["certificates"]] == ["0:16", "16:32"]
-    assert (tmp_path / "mnist_per_digit_error.png").stat().st_size > 1000
-    assert (tmp_path / "mnist_reconstructions.png").stat().st_size > 1000
+    assert (log_dir / "mnist_per_digit_error.png").stat().st_size > 1000
+    assert (log_dir / "mnist_reconstructions.png").stat().st_size > 1000
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"test/per_digit_error", "test/reconstructions"}
+    assert "test/certificate_0_other_to_own_ratio" in events.Tags()["scalars"]
 
 
 OVERLAYS = sorted(p.name for p in (RECIPES / "appendix").glob("*.yaml"))

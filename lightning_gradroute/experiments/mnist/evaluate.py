@@ -110,7 +110,7 @@ def plot_per_digit_errors(errors: dict[str, list[float]], half_dims: Sequence[st
     for i, (name, label) in enumerate(zip(OUTPUTS, labels)):
         ax.bar(np.arange(10) + (i - 1) * width, errors[name], width, label=label)
     if "mean_image" in errors:
-        ax.scatter(range(10), errors["mean_image"], marker="_", s=300, color="black", label="mean image (no information)")
+        ax.scatter(range(10), errors["mean_image"], marker="_", s=300, color="black", label="mean image")
     ax.set_xticks(range(10))
     ax.set_xlabel("digit")
     ax.set_ylabel("MSE per image (pixels in [-1, 1])")
@@ -168,9 +168,13 @@ class CertificateReport(Callback):
         groups = [list(g) for g in own_digits]
         flat = [d for g in groups for d in g]
         if len(groups) != 2 or not all(groups) or len(set(flat)) != len(flat) or not set(flat) <= set(DIGITS):
-            raise ValueError(f"CertificateReport: own_digits must be two disjoint non-empty lists of digits, got {own_digits!r}")
+            raise ValueError(
+                f"CertificateReport: own_digits must be two disjoint non-empty lists of digits, got {own_digits!r}"
+            )
         if isinstance(examples_per_digit, bool) or not isinstance(examples_per_digit, int) or examples_per_digit < 1:
-            raise ValueError(f"CertificateReport: examples_per_digit must be a positive int, got {examples_per_digit!r}")
+            raise ValueError(
+                f"CertificateReport: examples_per_digit must be a positive int, got {examples_per_digit!r}"
+            )
         self.own_digits = groups
         self.examples_per_digit = examples_per_digit
         self.results: dict[str, Any] | None = None

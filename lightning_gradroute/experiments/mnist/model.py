@@ -13,6 +13,7 @@ not routed: exactly where the paper's ``split_encoding`` detach trick sits.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ IMAGE_SIZE = 28 * 28
 def mlp(sizes: Sequence[int], last_bias: bool = True) -> nn.Sequential:
     """Linear layers of the given widths with ReLU between them (none after the last)."""
     layers: list[nn.Module] = []
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         last = i == len(sizes) - 2
         layers.append(nn.Linear(fan_in, fan_out, bias=last_bias or not last))
         if not last:
