@@ -23,7 +23,12 @@ from lightning_gradroute.experiments.tinystories.data import (
     read_stories,
 )
 from lightning_gradroute.experiments.tinystories.demix import DEMixMLP, demix_experts, keep_retain_experts
-from lightning_gradroute.experiments.tinystories.evaluate import METHODS, UnlearningEvaluation, token_mean_loss
+from lightning_gradroute.experiments.tinystories.evaluate import (
+    METHODS,
+    UnlearningEvaluation,
+    forget_token_loss,
+    token_mean_loss,
+)
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM, next_token_losses
 from lightning_gradroute.experiments.tinystories.rmu import RMU
 from lightning_gradroute.labels import keyword_regex
@@ -250,9 +255,10 @@ def test_each_method_runs_train_ablate_finetune_attack(method: str, tmp_path: Pa
     results, lm = fit_method(method, tmp_path)
     assert results["method"] == method and results["oversight"] == 0.5 and results["steps_trained"] == 3
     for stage in ("pre_ablation", "post_ablation", "final"):
-        assert set(results[stage]) == {"retain", "forget"} and all(3 < v < 8 for v in results[stage].values())
+        assert set(results[stage]) == {"retain", "forget", "forget_tokens"}
+        assert all(3 < v < 10 for v in results[stage].values())
     attack = results["attack"]
-    assert attack["stories"] == 4 and len(attack["curves"]["forget"]) == 3 and len(attack["curves"]["retain"]) == 3
+    assert attack["stories"] == 4 and {len(c) for c in attack["curves"].values()} == {3}
     assert attack["curves"]["forget"][0] == pytest.approx(results["final"]["forget"])
     assert attack["lowest_forget"] == min(attack["curves"]["forget"])
     assert ("coherence" in results) == (method in ("era", "demix"))
@@ -290,6 +296,27 @@ def test_retraining_attack_relearns_forget_stories_on_a_tiny_model(dm: TinyStori
     assert curve[0] == pytest.approx(mean_loss(lm, forget_val, token_mean_loss))
     assert attack.lowest_loss < curve[0] - 0.5, "fine-tuning on forget stories lowers held-out forget loss"
     assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items()), "the attack restores the model"
+
+
+def test_forget_token_loss_weights_tokens_by_their_routing_weight(dm: TinyStoriesDataModule) -> None:
+    torch.manual_seed(0)
+    lm = TinyStoriesLM(**TINY_MODEL)
+    assert dm.splits is not None and dm.token_weights is not None
+    tree = dm.tokenizer.encode(" tree").ids[0]  # type: ignore[union-attr]
+    with_tree = [ids for ids in dm.splits.forget_val if tree in ids[1:]]
+    assert len(with_tree) >= 2
+    batch = next(dm.batches(with_tree[:2] + dm.splits.forget_val[:2], 4, forget=True))
+    forget_weights = 1 - dm.token_weights
+    with torch.no_grad():
+        losses, valid = lm.token_losses(batch)
+    s = forget_weights[batch["input_ids"][:, 1:]] * valid
+    expected = float((losses * s).sum() / s.sum())
+    assert forget_token_loss(lm, [batch], forget_weights) == pytest.approx(expected, rel=1e-5)
+    # only routed tokens count: a weight table routing nothing but " tree" scores only those positions
+    only_tree = torch.zeros_like(forget_weights)
+    only_tree[tree] = 1.0
+    hits = (batch["input_ids"][:, 1:] == tree) & valid
+    assert forget_token_loss(lm, [batch], only_tree) == pytest.approx(float(losses[hits].mean()), rel=1e-5)
 
 
 def test_evaluation_rejects_bad_setups(tmp_path: Path) -> None:

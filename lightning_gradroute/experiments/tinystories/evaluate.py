@@ -16,7 +16,10 @@ base           none                                    no               yes (ref
 ============== ===================================== ================ ==========================
 
 Losses are measured on the held-out retain and forget stories of :class:`TinyStoriesDataModule` at each
-stage (``pre_ablation`` right after training, ``post_ablation``, ``final`` after the coherence fine-tune). The
+stage (``pre_ablation`` right after training, ``post_ablation``, ``final`` after the coherence fine-tune):
+``retain`` and ``forget`` are the paper's (mean of per-batch token-averaged losses); ``forget_tokens`` is a
+diagnostic of ours, the loss on the forget stories' tokens weighted by how forget-characteristic each is
+(``1 - w``, the routing weight), which isolates the concept from the ordinary English around it. The
 attack fine-tunes the final model on ``attack_stories`` forget stories drawn (per seed) from the held-out
 attack pool, as one batch, and records the seed-averaged forget and retain loss after every step; the
 "robust" forget loss is the lowest point of that curve (step 0 included). Unlike the paper's script the attack
@@ -33,18 +36,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retain_forget_loss, retraining_attack
+from lightning_gradroute.evaluation.losses import evaluation_mode, model_device
 from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule
 from lightning_gradroute.experiments.tinystories.demix import keep_retain_experts
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
 from lightning_gradroute.experiments.tinystories.rmu import RMU
 
-__all__ = ["METHODS", "UnlearningEvaluation", "token_mean_loss"]
+__all__ = ["METHODS", "UnlearningEvaluation", "forget_token_loss", "token_mean_loss"]
 
 METHODS = ("era", "demix", "rmu", "data_filtering", "base")
 
@@ -54,6 +59,21 @@ def token_mean_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     assert isinstance(model, TinyStoriesLM)
     losses, valid = model.token_losses(batch)
     return (losses * valid).sum() / valid.sum().clamp_min(1)
+
+
+def forget_token_loss(model: nn.Module, batches: list[dict[str, Tensor]], forget_weights: Tensor) -> float:
+    """Loss on the forget-characteristic tokens: the token-average over ``batches`` weighted by
+    ``forget_weights[target]`` (``1 - w``, the soft label each target token gets in a labelled forget story)."""
+    total = weight = 0.0
+    with evaluation_mode(model):
+        for batch in batches:
+            losses, valid = model.token_losses(move_data_to_device(batch, model_device(model)))  # type: ignore[operator]
+            routed = forget_weights.to(losses.device)[batch["input_ids"][:, 1:].to(losses.device)] * valid
+            total += float((losses * routed).sum())
+            weight += float(routed.sum())
+    if weight == 0:
+        raise ValueError("forget_token_loss: no forget-characteristic token in the batches")
+    return total / weight
 
 
 class UnlearningEvaluation(pl.Callback):
@@ -158,7 +178,10 @@ class UnlearningEvaluation(pl.Callback):
 
     def _losses(self, trainer: pl.Trainer, model: nn.Module) -> dict[str, float]:
         retain, forget = self._held_out(trainer)
-        return retain_forget_loss(model, token_mean_loss, retain, forget)
+        losses = retain_forget_loss(model, token_mean_loss, retain, forget)
+        token_weights = trainer.datamodule.token_weights  # type: ignore[attr-defined]
+        losses["forget_tokens"] = forget_token_loss(model, forget, 1 - token_weights)
+        return losses
 
     # ------------------------------------------------------------------ stages
     @override

@@ -1,0 +1,185 @@
+"""TinyStories unlearning sweep: methods x oversight levels (x seeds), the paper's Figure 4 at the recipes' scale.
+
+Every run is ``gradroute fit --config recipes/tinystories/<method>.yaml`` with the oversight and seed set on the
+command line, so the sweep measures exactly what the recipes do. Each run writes ``results.json``; the sweep
+collects them into a markdown table and a three-panel plot (retain loss, forget loss, and forget loss after the
+retraining attack, against oversight; one line per method, plain training as a dashed reference line).
+
+    python benchmarks/tinystories_sweep.py                                 # quick CPU recipes, p in {0, 0.5, 1}
+    python benchmarks/tinystories_sweep.py --oversight 0 0.25 0.5 0.75 1 --seeds 0 1
+    python benchmarks/tinystories_sweep.py --set --trainer.max_steps=800   # extra CLI arguments for every run
+
+Runs whose ``results.json`` already exists are not repeated (delete ``--runs-dir`` to start over). Plain
+training does not depend on oversight, so it runs once per seed. RMU needs labelled forget stories, so it
+skips oversight 0. Outputs: ``<out>/tinystories_sweep.md``, ``<out>/tinystories_sweep.png``,
+``<out>/tinystories_sweep.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("era", "data_filtering", "rmu", "demix", "base")
+LABELS = {"era": "ERA", "data_filtering": "Data filtering", "rmu": "RMU", "demix": "DEMix", "base": "Plain training"}
+METRICS = (
+    ("retain", "Retain loss", lambda r: r["final"]["retain"]),
+    ("forget", "Forget loss", lambda r: r["final"]["forget"]),
+    ("attacked", "Forget loss after retraining attack", lambda r: r["attack"]["lowest_forget"]),
+    ("concept", "Concept-token loss", lambda r: r["final"]["forget_tokens"]),
+    ("concept_attacked", "Concept-token loss after attack", lambda r: min(r["attack"]["curves"]["forget_tokens"])),
+)
+
+
+def run_one(method: str, oversight: float, seed: int, runs_dir: Path, extra: list[str], recipes: Path) -> dict[str, Any]:
+    """Run (or reuse) one recipe and return its results.json."""
+    run_dir = runs_dir / f"{method}_p{oversight:g}_s{seed}"
+    results = run_dir / "results.json"
+    if not results.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "lightning_gradroute.cli", "fit",
+            "--config", str(recipes / f"{method}.yaml"),
+            f"--seed_everything={seed}",
+            f"--data.init_args.seed={seed}",
+            f"--data.init_args.oversight={oversight}",
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.logger=false",
+            *extra,
+        ]
+        started = time.perf_counter()
+        with open(run_dir / "log.txt", "w") as log:
+            log.write(" ".join(command) + "\n")
+            log.flush()
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        print(f"{method:15s} p={oversight:<5g} seed={seed}: {time.perf_counter() - started:6.1f} s", flush=True)
+    return json.loads(results.read_text())
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(runs: dict[tuple[str, float], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    rows = []
+    for (method, oversight), results in sorted(runs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        row: dict[str, Any] = {"method": method, "oversight": oversight, "seeds": len(results)}
+        for key, _, get in METRICS:
+            row[key], row[key + "_std"] = summarise([get(r) for r in results])
+        row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in results)
+        row["evaluation_seconds"] = statistics.fmean(r["evaluation_seconds"] for r in results)
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], scale: str, command: str) -> str:
+    lines = [
+        "# TinyStories unlearning sweep (CPU scale)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Scale: {scale}",
+        "",
+        "Losses are mean next-token cross-entropy (nats) on the held-out retain and forget stories after the "
+        "method's full pipeline (ERA: contract + coherence fine-tune; DEMix: keep retain experts + coherence "
+        "fine-tune; RMU: post-hoc RMU; data filtering and plain training: as trained). 'After attack' is the "
+        "lowest forget loss reached while fine-tuning on held-out forget stories (seed-averaged curve, step 0 "
+        "included). 'Concept-token' losses are on the forget stories' tokens weighted by how forget-specific each "
+        "token is (1 − w, its routing weight), so they isolate the forest/tree concept from the surrounding "
+        "English; they are our diagnostic, not a paper metric. Higher forget loss is better unlearning; lower "
+        "retain loss is better. ± is the std over seeds.",
+        "",
+        "| method | oversight | retain loss | forget loss | forget loss after attack | concept-token loss "
+        "| concept-token loss after attack | forget − retain (after attack) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [f"{row[k]:.4f} ± {row[k + '_std']:.4f}" if row["seeds"] > 1 else f"{row[k]:.4f}" for k, _, _ in METRICS]
+        gap = row["attacked"] - row["retain"]
+        oversight = "any" if row["method"] == "base" else f"{row['oversight']:g}"
+        lines.append(f"| {LABELS[row['method']]} | {oversight} | {' | '.join(cells)} | {gap:+.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path, scale: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4.2))
+    for ax, (key, title, _) in zip(axes, METRICS):
+        for method in METHODS:
+            points = [r for r in rows if r["method"] == method]
+            if not points:
+                continue
+            if method == "base":
+                ax.axhline(points[0][key], color="gray", linestyle="--", label=LABELS[method])
+                continue
+            xs = [r["oversight"] for r in points]
+            ys = [r[key] for r in points]
+            errs = [r[key + "_std"] for r in points]
+            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=LABELS[method])
+        ax.set_title(title)
+        ax.set_xlabel("oversight (fraction of forget stories labelled)")
+        ax.set_ylabel("loss (nats)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(textwrap.fill(f"TinyStories unlearning vs oversight — {scale}", 200), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--oversight", nargs="+", type=float, default=[0.0, 0.5, 1.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--recipes", type=Path, default=ROOT / "recipes" / "tinystories")
+    parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "tinystories_sweep")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra gradroute CLI arguments, last")
+    args = parser.parse_args(argv)
+    for p in args.oversight:
+        if not 0 <= p <= 1:
+            parser.error(f"oversight {p} is not in [0, 1]")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for seed in args.seeds:
+        for method in args.methods:
+            levels = [1.0] if method == "base" else [p for p in args.oversight if not (method == "rmu" and p == 0)]
+            for p in levels:
+                runs.setdefault((method, p), []).append(run_one(method, p, seed, args.runs_dir, args.set, args.recipes))
+    rows = collect(runs)
+    all_results = [r for results in runs.values() for r in results]
+    first = all_results[0]
+    data = first["data"]
+    scale = (
+        f"GPT-Neo with {first['parameters']:,} parameters, {first['steps_trained']} steps of "
+        f"{data['train_stories']:,} training stories ({data['forget_fraction']:.1%} forget) from the carried "
+        f"TinyStories sample, {data['vocab_size']}-token BPE; {data['retain_val_stories']} + "
+        f"{data['forget_val_stories']} held-out stories; seeds {args.seeds}; {len(all_results)} runs, "
+        f"{sum(r['train_seconds'] + r['evaluation_seconds'] for r in all_results) / 60:.0f} min of training and "
+        "evaluation in all (shared 2-core CPU, one thread per run)."
+    )
+    command = "python benchmarks/tinystories_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tinystories_sweep.md").write_text(table(rows, scale, command.strip()))
+    (args.out / "tinystories_sweep.json").write_text(json.dumps({"scale": scale, "rows": rows}, indent=2))
+    plot(rows, args.out / "tinystories_sweep.png", scale)
+    print(table(rows, scale, command.strip()))
+
+
+if __name__ == "__main__":
+    main()
