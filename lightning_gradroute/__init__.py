@@ -16,7 +16,15 @@ from lightning_gradroute.expansion import (
     zero_expanded,
 )
 from lightning_gradroute.grad import route_gradient, route_gradient_by_label
-from lightning_gradroute.labels import BatchKey, LabelSource
+from lightning_gradroute.labels import (
+    BatchKey,
+    FrequencyWeightedLabels,
+    LabelSource,
+    TokenSetLabels,
+    keyword_documents,
+    partial_oversight,
+    token_frequency_weights,
+)
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
 from lightning_gradroute.targets import Route, Target
@@ -25,18 +33,23 @@ __all__ = [
     "BatchKey",
     "Expansion",
     "ExpansionRecord",
+    "FrequencyWeightedLabels",
     "GradientRouter",
     "GradientRoutingCallback",
     "GradientRoutingMixin",
     "LabelSource",
     "Route",
     "Target",
+    "TokenSetLabels",
     "contract",
     "expand",
     "expansion_record",
+    "keyword_documents",
+    "partial_oversight",
     "route_gradient",
     "route_gradient_by_label",
     "save_ablated",
+    "token_frequency_weights",
     "zero_expanded",
 ]
 __version__ = "0.1.0"
