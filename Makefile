@@ -21,9 +21,11 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 setup: $(VENV)/.installed
 
 main: setup
-	$(BIN)/gradroute fit --config recipes/toy/split.yaml
-	$(BIN)/gradroute fit --config recipes/toy/control.yaml
-	@echo "results.json and TensorBoard logs: runs/toy/split/ and runs/toy/control/"
+	$(BIN)/gradroute fit --config recipes/mnist/split.yaml
+	$(BIN)/gradroute fit --config recipes/mnist/control.yaml
+	@echo "figures (mnist_per_digit_error.png, mnist_reconstructions.png) and results.json:"
+	@ls -d runs/mnist/split/version_* runs/mnist/control/version_* | sed 's/^/  /'
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir runs/mnist"
 
 test: setup
 	$(BIN)/python -m pytest -q
