@@ -75,10 +75,26 @@ def table(settings: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def code_table(settings: dict[str, list[dict]]) -> list[str]:
+    """Mean |code| per dim of each half on each group's test images, averaged over runs."""
+    columns = [(label, half) for label in ("digits_0_4", "digits_5_9") for half in (0, 1)]
+    dims = ("0:16", "16:32")
+    lines = [
+        "| setting | " + " | ".join(f"dims {dims[h]}, {label.replace('_', ' ')}" for label, h in columns) + " |",
+        "|" + "---|" * (1 + len(columns)),
+    ]
+    for name, runs in settings.items():
+        cells = [f"{statistics.fmean(r['mean_abs_code'][label][h] for r in runs):.3g}" for label, h in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def setting_title(overlay: Path) -> str:
-    """The setting's name from the overlay's first comment line ('# Appendix setting N, "name": ...')."""
-    first = overlay.read_text().splitlines()[0]
-    return first.split(", ", 1)[1].split(":", 1)[0] if ", " in first else overlay.stem
+    """The setting's name from the overlay's comment line '# Appendix setting N, "name": ...'."""
+    for line in overlay.read_text().splitlines():
+        if line.startswith("# Appendix setting") and '"' in line:
+            return line.split('"')[1]
+    return overlay.stem
 
 
 def main() -> None:
@@ -101,7 +117,7 @@ def main() -> None:
         results = list(pool.map(lambda job: run_one(args.base, job[0], job[1], args.runs_dir, extra), jobs))
     settings: dict[str, list[dict]] = {}
     for (overlay, _), result in zip(jobs, results):
-        settings.setdefault(f"{overlay.stem[:2]}. {setting_title(overlay)}", []).append(result)
+        settings.setdefault(f"{int(overlay.stem[:2])}. {setting_title(overlay)}", []).append(result)
     scale = results[0]["scale"]
     seconds = [json.loads((args.runs_dir / o.stem / f"seed_{s}" / "seconds.json").read_text()) for o, s in jobs]
     wall, cpu = [t["wall"] for t in seconds], [t["cpu"] for t in seconds]
@@ -131,6 +147,14 @@ def main() -> None:
         ),
         "",
         *table(settings),
+        "",
+        (
+            "Mean |code| per dim of each half on the test images of each digit group (mean over seeds). With routing "
+            "and L1, the half a group is routed away from goes towards 0 on that group; all ~0 means the code "
+            "collapsed, large values that it ran away."
+        ),
+        "",
+        *code_table(settings),
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from lightning_gradroute.experiments.mnist import (
     MNISTDataModule,
     MNISTSplitAutoencoder,
     certificate_split,
+    code_magnitudes,
     correlation_penalty,
     per_digit_errors,
     read_idx,
@@ -257,6 +258,12 @@ def test_per_digit_errors_and_split_summary_match_a_direct_computation() -> None
         assert errors[name] == pytest.approx(expected, rel=1e-6)
     baseline = (images - images.mean(0)).pow(2).mean(1)
     assert errors["mean_image"] == pytest.approx([baseline[digits == d].mean().item() for d in range(10)], rel=1e-6)
+    magnitudes = code_magnitudes(model, batches)
+    with torch.no_grad():
+        code = model.encoder(images).abs()
+    for group, label in enumerate(("digits_0_4", "digits_5_9")):
+        rows = (digits >= 5) == bool(group)
+        assert magnitudes[label] == pytest.approx([code[rows, :16].mean().item(), code[rows, 16:].mean().item()])
     summary = certificate_split(errors, [[5, 6, 7, 8, 9], [0, 1, 2, 3, 4]])
     c0 = errors["certificate_0"]
     assert summary[0]["own_mse"] == pytest.approx(sum(c0[5:]) / 5)
@@ -322,23 +329,33 @@ def test_quick_recipes_smoke_run_through_the_cli(tmp_path: Path, recipe: str, ro
     assert "test/certificate_0_other_to_own_ratio" in events.Tags()["scalars"]
 
 
-OVERLAYS = sorted(p.name for p in (RECIPES / "appendix").glob("*.yaml"))
+#: The paper's appendix settings: routed, separate decoders, reconstruction weights [0-4, 5-9], L1 per half, corr.
+APPENDIX_SETTINGS = {
+    "01_gradient_routing.yaml": (True, False, [1.0, 1.0], [3e-3, 3e-3], 0.1),
+    "02_separate_decoders.yaml": (True, True, [1.0, 1.0], [3e-3, 3e-3], 0.1),
+    "03_no_correlation_penalty.yaml": (True, False, [1.0, 1.0], [3e-3, 3e-3], 0.0),
+    "04_no_regularization.yaml": (True, False, [1.0, 1.0], [0.0, 0.0], 0.0),
+    "05_no_regularization_separate_decoders.yaml": (True, True, [1.0, 1.0], [0.0, 0.0], 0.0),
+    "06_first_half_trained_on_all_digits.yaml": (True, False, [2.0, 1.0], [2e-2, 3e-3], 0.1),
+    "07_no_routing_l1_trained_on_5_9_only.yaml": (False, False, [0.0, 1.0], [1e-3, 1e-3], 0.0),
+    "08_no_routing_no_regularization_trained_on_5_9_only.yaml": (False, False, [0.0, 1.0], [0.0, 0.0], 0.0),
+    "09_no_routing.yaml": (False, False, [1.0, 1.0], [3e-3, 3e-3], 0.1),
+    "10_no_routing_no_regularization.yaml": (False, False, [1.0, 1.0], [0.0, 0.0], 0.0),
+}
 
 
-def test_there_are_ten_appendix_overlays() -> None:
-    assert len(OVERLAYS) == 10
-
-
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize(
-    "configs",
-    [("split_paper.yaml",), ("split.yaml", "main_figure.yaml")] + [("split.yaml", f"appendix/{o}") for o in OVERLAYS],
-    ids=lambda configs: configs[-1],
-)
-def test_paper_scale_and_every_overlay_smoke_run(tmp_path: Path, configs: tuple[str, ...]) -> None:
-    results = run_recipe(tmp_path, *configs, extra=[*TINY, "--data.init_args.eval_batch_size", "200"])
-    assert results["routed"] is not any("no_routing" in c for c in configs)
-    assert results["scale"]["steps"] == 1 and results["scale"]["test_images"] == 200
+def test_the_ten_appendix_overlays_set_the_papers_settings_on_any_base() -> None:
+    assert sorted(p.name for p in (RECIPES / "appendix").glob("*.yaml")) == sorted(APPENDIX_SETTINGS)
+    for name, (routed, separate, reconstruction, l1, correlation) in APPENDIX_SETTINGS.items():
+        for base in ("split.yaml", "control.yaml", "split_paper.yaml"):
+            args = ["--config", str(RECIPES / base), "--config", str(RECIPES / "appendix" / name), *TINY]
+            cli = GradrouteCLI(args=args, run=False)
+            hp = cli.model.hparams
+            got = (hp.separate_decoders, list(hp.reconstruction_weights), list(hp.l1_weights), hp.correlation_weight)
+            assert got == (separate, reconstruction, l1, correlation), (name, base)
+            kinds = [type(cb) for cb in cli.trainer.callbacks]
+            assert (GradientRoutingCallback in kinds) is routed and CertificateReport in kinds, (name, base)
+            assert hp.certificate_weight == 1.0 and hp.lr == 1e-3 and hp.weight_decay == 5e-5
 
 
 # ------------------------------------------------------------------------------------------------ DDP

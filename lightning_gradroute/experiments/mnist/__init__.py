@@ -1,7 +1,12 @@
 """MNIST autoencoder latent-space splitting with certificates (Cloud et al. 2024, §4.1; ``recipes/mnist``)."""
 
 from lightning_gradroute.experiments.mnist.data import MNISTDataModule, read_idx
-from lightning_gradroute.experiments.mnist.evaluate import CertificateReport, certificate_split, per_digit_errors
+from lightning_gradroute.experiments.mnist.evaluate import (
+    CertificateReport,
+    certificate_split,
+    code_magnitudes,
+    per_digit_errors,
+)
 from lightning_gradroute.experiments.mnist.model import MNISTSplitAutoencoder, correlation_penalty
 
 __all__ = [
@@ -9,6 +14,7 @@ __all__ = [
     "MNISTDataModule",
     "MNISTSplitAutoencoder",
     "certificate_split",
+    "code_magnitudes",
     "correlation_penalty",
     "per_digit_errors",
     "read_idx",

@@ -31,6 +31,7 @@ __all__ = [
     "OUTPUTS",
     "CertificateReport",
     "certificate_split",
+    "code_magnitudes",
     "per_digit_errors",
     "plot_per_digit_errors",
     "plot_reconstructions",
@@ -68,6 +69,24 @@ def per_digit_errors(model: MNISTSplitAutoencoder, batches: Sequence[dict[str, T
         counts += torch.bincount(digits, minlength=10).double()
     means = sums / counts  # 0/0 -> NaN marks digits the batches did not contain
     return {name: means[i].tolist() for i, name in enumerate(names)}
+
+
+@torch.no_grad()
+def code_magnitudes(model: MNISTSplitAutoencoder, batches: Sequence[dict[str, Tensor]]) -> dict[str, list[float]]:
+    """Mean ``|code|`` per dim of each code half, ``[first half, second half]``, for each routing group.
+
+    Routing plus L1 shows here first: the half a group is routed away from goes to ~0 on that group's images.
+    """
+    sums = torch.zeros(2, 2, dtype=torch.float64)  # (group, half)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch in batches:
+        code = model.encoder(batch["image"].to(model.device)).abs().cpu()
+        halves = torch.stack([half.mean(1) for half in code.chunk(2, dim=1)], dim=1).double()  # (B, 2)
+        groups = batch["route_labels"].cpu()
+        sums.index_add_(0, groups, halves)
+        counts += torch.bincount(groups, minlength=2).double()
+    means = sums / counts.unsqueeze(1)
+    return {label: means[g].tolist() for g, label in enumerate(MNISTSplitAutoencoder.routing_labels)}
 
 
 def _mean(values: Iterable[float]) -> float:
@@ -206,6 +225,7 @@ class CertificateReport(Callback):
         half = model.hparams.code_size // 2
         half_dims = [f"0:{half}", f"{half}:{2 * half}"]
         errors = per_digit_errors(model, batches)
+        code_sizes = code_magnitudes(model, batches)
         summary = certificate_split(errors, self.own_digits)
         for entry, dims in zip(summary, half_dims):
             entry["code_dims"] = dims
@@ -228,6 +248,7 @@ class CertificateReport(Callback):
             },
             "metric": "per-image MSE, pixels in [-1, 1], mean by digit",
             "per_digit_mse": errors,
+            "mean_abs_code": code_sizes,
             "certificates": summary,
             "figures": files,
         }
@@ -240,6 +261,8 @@ class CertificateReport(Callback):
                 f"{entry['own_mse']:.4f}, other digits {entry['other_mse']:.4f} (mean-image baseline "
                 f"{entry['other_mean_image_mse']:.4f}), ratio other/own {entry['other_to_own_ratio']:.2f}"
             )
+        magnitudes = ", ".join(f"{label} {[round(v, 4) for v in halves]}" for label, halves in code_sizes.items())
+        lines.append(f"  mean |code| per dim of [{', '.join(half_dims)}]: {magnitudes}")
         lines.append(f"  results: {out_dir / 'results.json'}\n  figures: {', '.join(files.values())}")
         rank_zero_info("\n".join(lines))
         return results

@@ -161,12 +161,12 @@ class MNISTSplitAutoencoder(GradientRoutingMixin, pl.LightningModule):
         counts = torch.bincount(groups, minlength=2).to(item_mae.dtype).clamp_min(1)
         group_sums = torch.zeros(2, dtype=item_mae.dtype, device=item_mae.device).index_add(0, groups, item_mae)
         certificate_maes = [(cert - images).abs().mean() for cert in out.certificates]
-        l1 = [w * half.abs().mean(0).sum() for w, half in zip(self.hparams.l1_weights, out.code.chunk(2, dim=1))]
+        code_l1 = [half.abs().mean(0).sum() for half in out.code.chunk(2, dim=1)]  # per half, before weighting
         correlation = correlation_penalty(out.code)
         loss = (
             (self.reconstruction_weights * group_sums / counts).sum()
             + self.hparams.certificate_weight * sum(certificate_maes)
-            + sum(l1)
+            + sum(w * l1 for w, l1 in zip(self.hparams.l1_weights, code_l1))
             + self.hparams.correlation_weight * correlation
         )
         return {
@@ -174,8 +174,8 @@ class MNISTSplitAutoencoder(GradientRoutingMixin, pl.LightningModule):
             "item_mae": item_mae,
             "certificate_0_mae": certificate_maes[0],
             "certificate_1_mae": certificate_maes[1],
-            "l1_half_0": l1[0],
-            "l1_half_1": l1[1],
+            "code_l1_half_0": code_l1[0],
+            "code_l1_half_1": code_l1[1],
             "correlation": correlation,
         }
 
