@@ -2,8 +2,9 @@
 
 Offline (the default) it reads the TinyStories sample the project carries (``data/tinystories``, 2,386 whole
 stories of the validation split); online it loads the full dataset with ``datasets`` (``dataset_id``). Each
-story is cut to ``truncate_chars`` characters, classified with a whole-word, case-insensitive regex over
-``forget_words``, prefixed with ``<|endoftext|>`` and tokenised (right padding, ``max_tokens`` tokens).
+story is cut to ``truncate_chars`` characters, prefixed with ``<|endoftext|>`` and tokenised (right padding,
+at most ``max_tokens`` tokens). It is a forget story when the text of those tokens (what the model sees)
+mentions one of ``forget_words`` as a whole word, in any case.
 
 Routing labels ride in every training batch as ``batch["route_labels"]``:
 
