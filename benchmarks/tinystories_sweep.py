@@ -40,15 +40,21 @@ METRICS = (
 )
 
 
-def run_one(method: str, oversight: float, seed: int, runs_dir: Path, extra: list[str], recipes: Path) -> dict[str, Any]:
+def run_one(
+    method: str, oversight: float, seed: int, runs_dir: Path, extra: list[str], recipes: Path
+) -> dict[str, Any]:
     """Run (or reuse) one recipe and return its results.json."""
     run_dir = runs_dir / f"{method}_p{oversight:g}_s{seed}"
     results = run_dir / "results.json"
     if not results.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "lightning_gradroute.cli", "fit",
-            "--config", str(recipes / f"{method}.yaml"),
+            sys.executable,
+            "-m",
+            "lightning_gradroute.cli",
+            "fit",
+            "--config",
+            str(recipes / f"{method}.yaml"),
             f"--seed_everything={seed}",
             f"--data.init_args.seed={seed}",
             f"--data.init_args.oversight={oversight}",
@@ -89,21 +95,27 @@ def table(rows: list[dict[str, Any]], scale: str, command: str) -> str:
         "",
         f"Scale: {scale}",
         "",
-        "Losses are mean next-token cross-entropy (nats) on the held-out retain and forget stories after the "
-        "method's full pipeline (ERA: contract + coherence fine-tune; DEMix: keep retain experts + coherence "
-        "fine-tune; RMU: post-hoc RMU; data filtering and plain training: as trained). 'After attack' is the "
-        "lowest forget loss reached while fine-tuning on held-out forget stories (seed-averaged curve, step 0 "
-        "included). 'Concept-token' losses are on the forget stories' tokens weighted by how forget-specific each "
-        "token is (1 − w, its routing weight), so they isolate the forest/tree concept from the surrounding "
-        "English; they are our diagnostic, not a paper metric. Higher forget loss is better unlearning; lower "
-        "retain loss is better. ± is the std over seeds.",
+        (
+            "Losses are mean next-token cross-entropy (nats) on the held-out retain and forget stories after the "
+            "method's full pipeline (ERA: contract + coherence fine-tune; DEMix: keep retain experts + coherence "
+            "fine-tune; RMU: post-hoc RMU; data filtering and plain training: as trained). 'After attack' is the "
+            "lowest forget loss reached while fine-tuning on held-out forget stories (seed-averaged curve, step 0 "
+            "included). 'Concept-token' losses are on the forget stories' tokens weighted by how forget-specific each "
+            "token is (1 − w, its routing weight), so they isolate the forest/tree concept from the surrounding "
+            "English; they are our diagnostic, not a paper metric. Higher forget loss is better unlearning; lower "
+            "retain loss is better. ± is the std over seeds."
+        ),
         "",
-        "| method | oversight | retain loss | forget loss | forget loss after attack | concept-token loss "
-        "| concept-token loss after attack | forget − retain (after attack) |",
+        (
+            "| method | oversight | retain loss | forget loss | forget loss after attack | concept-token loss "
+            "| concept-token loss after attack | forget − retain (after attack) |"
+        ),
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [f"{row[k]:.4f} ± {row[k + '_std']:.4f}" if row["seeds"] > 1 else f"{row[k]:.4f}" for k, _, _ in METRICS]
+        cells = [
+            f"{row[k]:.4f} ± {row[k + '_std']:.4f}" if row["seeds"] > 1 else f"{row[k]:.4f}" for k, _, _ in METRICS
+        ]
         gap = row["attacked"] - row["retain"]
         oversight = "any" if row["method"] == "base" else f"{row['oversight']:g}"
         lines.append(f"| {LABELS[row['method']]} | {oversight} | {' | '.join(cells)} | {gap:+.4f} |")

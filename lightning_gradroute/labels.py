@@ -32,15 +32,15 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "LabelSource",
     "BatchKey",
-    "check_labels",
-    "keyword_regex",
-    "keyword_documents",
-    "TokenSetLabels",
-    "token_frequency_weights",
     "FrequencyWeightedLabels",
+    "LabelSource",
+    "TokenSetLabels",
+    "check_labels",
+    "keyword_documents",
+    "keyword_regex",
     "partial_oversight",
+    "token_frequency_weights",
 ]
 
 
@@ -108,7 +108,9 @@ def check_labels(labels: Any, label_names: Sequence[str]) -> Tensor:
         raise ValueError(f"routing labels must be integer, bool or float, got dtype {labels.dtype}")
     if labels.numel() and not bool(((labels >= 0) & (labels < len(label_names))).all()):
         bad = labels[(labels < 0) | (labels >= len(label_names))].unique().tolist()
-        raise ValueError(f"routing labels {bad} are unknown: valid indices are 0..{len(label_names) - 1} for {list(label_names)}")
+        raise ValueError(
+            f"routing labels {bad} are unknown: valid indices are 0..{len(label_names) - 1} for {list(label_names)}"
+        )
     return labels.long()
 
 
@@ -225,7 +227,10 @@ def token_frequency_weights(
         if not value >= 0 or math.isinf(value):
             raise ValueError(f"token_frequency_weights: {name} must be a finite number >= 0, got {value!r}")
     frequencies = []
-    for name, docs, smoothing in (("retain", retain_tokens, retain_smoothing), ("forget", forget_tokens, forget_smoothing)):
+    for name, docs, smoothing in (
+        ("retain", retain_tokens, retain_smoothing),
+        ("forget", forget_tokens, forget_smoothing),
+    ):
         counts = torch.full((vocab_size,), float(smoothing), dtype=torch.float64)
         for doc in docs:
             ids = torch.as_tensor(doc, dtype=torch.long).flatten()
@@ -274,7 +279,9 @@ class FrequencyWeightedLabels(LabelSource):
     ) -> None:
         weights = torch.as_tensor(retain_weights, dtype=torch.float32)
         if weights.dim() != 1 or not weights.numel():
-            raise ValueError(f"FrequencyWeightedLabels: retain_weights must be a (vocab_size,) tensor, got {tuple(weights.shape)}")
+            raise ValueError(
+                f"FrequencyWeightedLabels: retain_weights must be a (vocab_size,) tensor, got {tuple(weights.shape)}"
+            )
         if not bool(((weights >= 0) & (weights <= 1)).all()):
             raise ValueError("FrequencyWeightedLabels: retain_weights must lie in [0, 1]")
         self.forget_weights = 1 - weights
@@ -294,7 +301,8 @@ class FrequencyWeightedLabels(LabelSource):
             )
         if ids.numel() and int(ids.max()) >= self.forget_weights.numel():
             raise ValueError(
-                f"FrequencyWeightedLabels: token id {int(ids.max())} is outside the {self.forget_weights.numel()}-entry table"
+                f"FrequencyWeightedLabels: token id {int(ids.max())} is outside the "
+                f"{self.forget_weights.numel()}-entry table"
             )
         return self.forget_weights.to(ids.device)[ids] * documents.to(torch.float32)[:, None]
 

@@ -1,4 +1,4 @@
-"""Text label builders of ``lightning_gradroute.labels``: keyword documents, token sets, frequency weights, oversight."""
+"""Text label builders of ``lightning_gradroute.labels``: keywords, token sets, frequency weights, oversight."""
 
 from __future__ import annotations
 

@@ -14,7 +14,6 @@ from helpers import trainer_kwargs
 from lightning_gradroute import GradientRoutingCallback, Route, Target
 from lightning_gradroute.evaluation import mean_loss, retraining_attack
 from lightning_gradroute.expansion import Expansion
-
 from lightning_gradroute.experiments.tinystories.data import (
     EOS_TEXT,
     PAPER_FORGET_WORDS,
@@ -36,18 +35,25 @@ from lightning_gradroute.labels import keyword_regex
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "tinystories" / "tinystories_valid_sample.txt"
 GPT2 = ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json.gz"
-SMALL_DATA = dict(
-    tokenizer="bpe",
-    bpe_vocab_size=1024,
-    truncate_chars=300,
-    max_tokens=48,
-    batch_size=8,
-    num_val_stories=16,
-    num_attack_stories=8,
-    num_coherence_stories=8,
-    num_coherence_val_stories=16,
-)
-TINY_MODEL = dict(vocab_size=1024, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=48, window_size=16)
+SMALL_DATA = {
+    "tokenizer": "bpe",
+    "bpe_vocab_size": 1024,
+    "truncate_chars": 300,
+    "max_tokens": 48,
+    "batch_size": 8,
+    "num_val_stories": 16,
+    "num_attack_stories": 8,
+    "num_coherence_stories": 8,
+    "num_coherence_val_stories": 16,
+}
+TINY_MODEL = {
+    "vocab_size": 1024,
+    "hidden_size": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "max_position_embeddings": 48,
+    "window_size": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +164,9 @@ def test_model_losses_skip_padding_and_check_vocab(dm: TinyStoriesDataModule) ->
     # a padded story scores the same alone, without padding
     row = int(valid.sum(1).argmin())
     n = int(mask[row].sum())
-    alone, _ = next_token_losses(lm.model, {"input_ids": batch["input_ids"][row : row + 1, :n],
-                                            "attention_mask": mask[row : row + 1, :n]})
+    alone, _ = next_token_losses(
+        lm.model, {"input_ids": batch["input_ids"][row : row + 1, :n], "attention_mask": mask[row : row + 1, :n]}
+    )
     torch.testing.assert_close(losses[row, : n - 1], alone[0], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="divisible"):
         TinyStoriesLM(hidden_size=30, num_heads=4)
@@ -217,7 +224,10 @@ def test_rmu_trains_only_early_mlp_outputs_and_misdirects_forget(dm: TinyStories
 # ------------------------------------------------------------------------------------------- pipeline
 def era_routing(add: int = 8) -> GradientRoutingCallback:
     return GradientRoutingCallback(
-        targets={"routed": Target("model.transformer.h.0.mlp.act"), "unrouted": Target("model.transformer.h.1.mlp.act")},
+        targets={
+            "routed": Target("model.transformer.h.0.mlp.act"),
+            "unrouted": Target("model.transformer.h.1.mlp.act"),
+        },
         routes=[
             Route("forget", "routed", {"original": -0.75, "expanded": 1.0}),
             Route("retain", "unrouted", {"expanded": 0.0}),
@@ -237,11 +247,24 @@ def fit_method(method: str, tmp_path: Path, **trainer_args: Any) -> tuple[dict[s
         drop_labelled_forget=method == "data_filtering",
         oversight=0.5,
     )
-    lm = TinyStoriesLM(**TINY_MODEL, demix=method == "demix", l1_coeff=1e-4 if method == "era" else 0.0,
-                       l1_modules="model.transformer.h.0.mlp.act", lr=3e-3, warmup_steps=1)
+    lm = TinyStoriesLM(
+        **TINY_MODEL,
+        demix=method == "demix",
+        l1_coeff=1e-4 if method == "era" else 0.0,
+        l1_modules="model.transformer.h.0.mlp.act",
+        lr=3e-3,
+        warmup_steps=1,
+    )
     evaluation = UnlearningEvaluation(
-        method, coherence_steps=2, coherence_lr=1e-3, attack_steps=2, attack_lr=1e-3, attack_stories=4,
-        attack_seeds=2, eval_batch_size=8, rmu=RMU(steps=2) if method == "rmu" else None,
+        method,
+        coherence_steps=2,
+        coherence_lr=1e-3,
+        attack_steps=2,
+        attack_lr=1e-3,
+        attack_stories=4,
+        attack_seeds=2,
+        eval_batch_size=8,
+        rmu=RMU(steps=2) if method == "rmu" else None,
     )
     callbacks = [era_routing(), evaluation] if method == "era" else [evaluation]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=callbacks, **trainer_args))
@@ -289,8 +312,13 @@ def test_retraining_attack_relearns_forget_stories_on_a_tiny_model(dm: TinyStori
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     forget_val = list(dm.batches(dm.splits.forget_val, 8, forget=True))
     attack = retraining_attack(
-        lm, token_mean_loss, next(dm.batches(dm.splits.attack_pool, 8, forget=True)),
-        eval_fn=lambda m: mean_loss(m, forget_val, token_mean_loss), steps=5, lr=1e-2, seeds=[0, 1],
+        lm,
+        token_mean_loss,
+        next(dm.batches(dm.splits.attack_pool, 8, forget=True)),
+        eval_fn=lambda m: mean_loss(m, forget_val, token_mean_loss),
+        steps=5,
+        lr=1e-2,
+        seeds=[0, 1],
     )
     curve = attack.curves["forget"]
     assert curve[0] == pytest.approx(mean_loss(lm, forget_val, token_mean_loss))
@@ -329,7 +357,11 @@ def test_evaluation_rejects_bad_setups(tmp_path: Path) -> None:
     data = TinyStoriesDataModule(**SMALL_DATA)
     for callbacks, model, match in (
         ([UnlearningEvaluation("era")], TinyStoriesLM(**TINY_MODEL), "add a GradientRoutingCallback"),
-        ([UnlearningEvaluation("era"), era_routing()], TinyStoriesLM(**TINY_MODEL), "after the GradientRoutingCallback"),
+        (
+            [UnlearningEvaluation("era"), era_routing()],
+            TinyStoriesLM(**TINY_MODEL),
+            "after the GradientRoutingCallback",
+        ),
         ([UnlearningEvaluation("demix")], TinyStoriesLM(**TINY_MODEL), "demix=True"),
         ([era_routing(), UnlearningEvaluation("base")], TinyStoriesLM(**TINY_MODEL), "use 'era'"),
     ):

@@ -40,9 +40,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_gradroute.labels import FrequencyWeightedLabels, keyword_documents, partial_oversight, token_frequency_weights
+from lightning_gradroute.labels import (
+    FrequencyWeightedLabels,
+    keyword_documents,
+    partial_oversight,
+    token_frequency_weights,
+)
 
-__all__ = ["PAPER_FORGET_WORDS", "EOS_TEXT", "StorySplits", "TinyStoriesDataModule", "read_stories", "load_tokenizer"]
+__all__ = ["EOS_TEXT", "PAPER_FORGET_WORDS", "StorySplits", "TinyStoriesDataModule", "load_tokenizer", "read_stories"]
 
 #: The paper's forget concept (``shared_settings.py: words_to_localize``).
 PAPER_FORGET_WORDS = ("tree", "trees", "forest", "forests", "woodland", "woodlands")
@@ -187,8 +192,17 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             raise ValueError(f"TinyStoriesDataModule: oversight must be in [0, 1], got {oversight}")
         if labels not in ("frequency", "document"):
             raise ValueError(f"TinyStoriesDataModule: labels must be 'frequency' or 'document', got {labels!r}")
-        for name in ("truncate_chars", "max_tokens", "batch_size", "num_val_stories", "num_attack_stories",
-                     "num_coherence_stories", "num_coherence_val_stories", "frequency_stories", "bpe_vocab_size"):
+        for name in (
+            "truncate_chars",
+            "max_tokens",
+            "batch_size",
+            "num_val_stories",
+            "num_attack_stories",
+            "num_coherence_stories",
+            "num_coherence_val_stories",
+            "frequency_stories",
+            "bpe_vocab_size",
+        ):
             value = locals()[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "max_tokens" else 1):
                 raise ValueError(f"TinyStoriesDataModule: {name} must be a positive int, got {value!r}")
@@ -350,7 +364,9 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         batch["route_labels"] = batch["forget"].long()
         return batch
 
-    def batches(self, stories: Sequence[list[int]], batch_size: int | None = None, forget: bool = False) -> Iterator[dict[str, Tensor]]:
+    def batches(
+        self, stories: Sequence[list[int]], batch_size: int | None = None, forget: bool = False
+    ) -> Iterator[dict[str, Tensor]]:
         """Batches of ``stories`` in order; ``route_labels`` (per story) say whether they are forget stories."""
         size = batch_size or self.hparams.batch_size
         for start in range(0, len(stories), size):

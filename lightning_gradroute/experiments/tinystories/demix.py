@@ -84,7 +84,9 @@ def _demix_modules(model: nn.Module) -> list[tuple[str, DEMixMLP]]:
 def demix_experts(model: nn.Module, use_forget: Tensor) -> Iterator[None]:
     """Inside the block, sequences with ``use_forget`` ``(B,)`` True go through the forget experts."""
     if use_forget.dim() != 1:
-        raise ValueError(f"demix_experts: expert choice must be one flag per sequence (B,), got {tuple(use_forget.shape)}")
+        raise ValueError(
+            f"demix_experts: expert choice must be one flag per sequence (B,), got {tuple(use_forget.shape)}"
+        )
     mixes = _demix_modules(model)
     for _, mix in mixes:
         mix.use_forget = use_forget.bool()

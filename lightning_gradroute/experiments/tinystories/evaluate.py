@@ -67,8 +67,9 @@ def forget_token_loss(model: nn.Module, batches: list[dict[str, Tensor]], forget
     total = weight = 0.0
     with evaluation_mode(model):
         for batch in batches:
-            losses, valid = model.token_losses(move_data_to_device(batch, model_device(model)))  # type: ignore[operator]
-            routed = forget_weights.to(losses.device)[batch["input_ids"][:, 1:].to(losses.device)] * valid
+            batch = move_data_to_device(batch, model_device(model))
+            losses, valid = model.token_losses(batch)  # type: ignore[operator]
+            routed = forget_weights.to(losses.device)[batch["input_ids"][:, 1:]] * valid
             total += float((losses * routed).sum())
             weight += float(routed.sum())
     if weight == 0:
@@ -120,8 +121,11 @@ class UnlearningEvaluation(pl.Callback):
         for name, value in (("coherence_steps", coherence_steps), ("attack_steps", attack_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"UnlearningEvaluation: {name} must be an int >= 0, got {value!r}")
-        for name, value in (("attack_stories", attack_stories), ("attack_seeds", attack_seeds),
-                            ("eval_batch_size", eval_batch_size)):
+        for name, value in (
+            ("attack_stories", attack_stories),
+            ("attack_seeds", attack_seeds),
+            ("eval_batch_size", eval_batch_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"UnlearningEvaluation: {name} must be a positive int, got {value!r}")
         if rmu is not None and method != "rmu":
@@ -152,7 +156,9 @@ class UnlearningEvaluation(pl.Callback):
         if self.method == "era" and not routing:
             raise ValueError("UnlearningEvaluation(method='era'): add a GradientRoutingCallback to the trainer")
         if routing and routing[0] > mine:
-            raise ValueError("UnlearningEvaluation: list it after the GradientRoutingCallback, whose ablation comes first")
+            raise ValueError(
+                "UnlearningEvaluation: list it after the GradientRoutingCallback, whose ablation comes first"
+            )
         if routing and self.method != "era":
             raise ValueError(f"UnlearningEvaluation(method={self.method!r}): the trainer routes gradients; use 'era'")
         if (self.method == "demix") != pl_module.is_demix:
@@ -167,7 +173,9 @@ class UnlearningEvaluation(pl.Callback):
     @staticmethod
     def _stories(trainer: pl.Trainer, stories: list[list[int]]) -> list[list[int]]:
         """Under ``fast_dev_run`` every evaluation uses one training batch worth of stories at most."""
-        return stories[: trainer.datamodule.hparams.batch_size] if trainer.fast_dev_run else stories  # type: ignore[attr-defined]
+        if not trainer.fast_dev_run:
+            return stories
+        return stories[: trainer.datamodule.hparams.batch_size]  # type: ignore[attr-defined]
 
     def _held_out(self, trainer: pl.Trainer) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
         dm: TinyStoriesDataModule = trainer.datamodule  # type: ignore[assignment]
@@ -269,5 +277,7 @@ class UnlearningEvaluation(pl.Callback):
         path = self._out_dir / self.results_file
         path.write_text(json.dumps(results, indent=2))
         summary = {k: results[k] for k in ("pre_ablation", "post_ablation", "final") if k in results}
-        rank_zero_info(f"unlearning results ({self.method}): {path}\n{json.dumps(summary)}\n"
-                       f"lowest forget loss under the retraining attack: {results['attack']['lowest_forget']:.4f}")
+        rank_zero_info(
+            f"unlearning results ({self.method}): {path}\n{json.dumps(summary)}\n"
+            f"lowest forget loss under the retraining attack: {results['attack']['lowest_forget']:.4f}"
+        )

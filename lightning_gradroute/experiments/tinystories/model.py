@@ -134,7 +134,13 @@ class TinyStoriesLM(GradientRoutingMixin, pl.LightningModule):
             )
         self.save_hyperparameters()
         config = gpt_neo_config(
-            vocab_size, hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings, window_size,
+            vocab_size,
+            hidden_size,
+            num_layers,
+            num_heads,
+            intermediate_size,
+            max_position_embeddings,
+            window_size,
             initializer_range,
         )
         self.model = GPTNeoForCausalLM(config)
@@ -210,12 +216,11 @@ class TinyStoriesLM(GradientRoutingMixin, pl.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(datamodule, "vocab_size", None) if datamodule is not None else None
-        if data_vocab is not None:
-            if data_vocab > self.hparams.vocab_size:
-                raise ValueError(
-                    f"TinyStoriesLM: the tokenizer has {data_vocab} tokens but model.vocab_size is "
-                    f"{self.hparams.vocab_size}; set model vocab_size >= {data_vocab}"
-                )
+        if data_vocab is not None and data_vocab > self.hparams.vocab_size:
+            raise ValueError(
+                f"TinyStoriesLM: the tokenizer has {data_vocab} tokens but model.vocab_size is "
+                f"{self.hparams.vocab_size}; set model vocab_size >= {data_vocab}"
+            )
 
     @override
     def configure_optimizers(self) -> Any:

@@ -55,7 +55,10 @@ class RMU:
         seed: int = 0,
     ) -> None:
         if steps < 1 or alpha < 0 or lr <= 0 or (steering_coef is not None and steering_coef <= 0):
-            raise ValueError(f"RMU: need steps >= 1, alpha >= 0, lr > 0, steering_coef > 0; got {steps}, {alpha}, {lr}, {steering_coef}")
+            raise ValueError(
+                "RMU: need steps >= 1, alpha >= 0, lr > 0, steering_coef > 0; "
+                f"got {steps}, {alpha}, {lr}, {steering_coef}"
+            )
         if layer is not None and layer < 0:
             raise ValueError(f"RMU: layer must be >= 0, got {layer}")
         self.layer, self.steps, self.steering_coef = layer, steps, steering_coef
@@ -95,7 +98,9 @@ class RMU:
         settings = self.resolved(model)
         layer, coef = settings["layer"], settings["steering_coef"]
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        trainable = [p for block in self._blocks(model)[: layer + 1] for p in getattr(block.mlp, self.mlp_out).parameters()]
+        trainable = [
+            p for block in self._blocks(model)[: layer + 1] for p in getattr(block.mlp, self.mlp_out).parameters()
+        ]
         was_training = model.training
         requires = {p: p.requires_grad for p in model.parameters()}
         model.train().requires_grad_(False)
@@ -105,13 +110,17 @@ class RMU:
         generator = torch.Generator().manual_seed(self.seed)
         forget_losses, retain_losses = [], []
         try:
-            for forget, retain in itertools.islice(zip(itertools.cycle(forget_batches), itertools.cycle(retain_batches)), self.steps):
+            for forget, retain in itertools.islice(
+                zip(itertools.cycle(forget_batches), itertools.cycle(retain_batches)), self.steps
+            ):
                 control = torch.rand(model.config.hidden_size, generator=generator)
                 control = (control / control.norm() * coef).to(next(model.parameters()).device)
                 forget_loss = self._masked_mse(self._residual(model, forget, layer), control, forget["attention_mask"])
                 with torch.no_grad():
                     reference = self._residual(frozen, retain, layer)
-                retain_loss = self._masked_mse(self._residual(model, retain, layer), reference, retain["attention_mask"])
+                retain_loss = self._masked_mse(
+                    self._residual(model, retain, layer), reference, retain["attention_mask"]
+                )
                 optimizer.zero_grad(set_to_none=True)
                 (forget_loss + self.alpha * retain_loss).backward()
                 optimizer.step()
