@@ -368,3 +368,24 @@ def test_evaluation_rejects_bad_setups(tmp_path: Path) -> None:
         trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1, callbacks=callbacks))
         with pytest.raises(ValueError, match=match):
             trainer.fit(model, data)
+
+
+def test_dataset_id_loads_train_and_validation_splits_with_datasets(tmp_path: Path, monkeypatch: Any) -> None:
+    """The online path (``dataset_id``), pointed at a local folder in the Hub layout (train / validation files)."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    stories = read_stories(SAMPLE)
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    for split, chunk in (("train", stories[:1200]), ("validation", stories[1200:])):
+        lines = [json.dumps({"story": s}) for s in chunk]
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    data = TinyStoriesDataModule(
+        **SMALL_DATA, dataset_id=str(folder), text_column="story", num_train_stories=1000, data_dir=str(tmp_path)
+    )
+    data.setup("fit")
+    assert data.splits is not None
+    assert len(data.splits.train) == 1000  # train[:1000]; the held-out sets come from the validation split
+    train_texts = {data.tokenizer.decode(ids[1:]) for ids in data.splits.train}  # type: ignore[union-attr]
+    held_out = data.splits.retain_val + data.splits.forget_val + data.splits.attack_pool
+    assert not train_texts & {data.tokenizer.decode(ids[1:]) for ids in held_out}  # type: ignore[union-attr]
