@@ -95,7 +95,8 @@ class _RouteGradientByLabel(torch.autograd.Function):
         labels, table = ctx.saved_tensors
         # Hard labels gather rows, which commutes with the cast, so cast the small table first. Soft labels
         # interpolate in the table's precision (fp32) and cast the result once.
-        mask = label_mask(labels, table if labels.is_floating_point() else table.to(grad.dtype), ctx.feature_dim, grad.dim())
+        rows = table if labels.is_floating_point() else table.to(grad.dtype)
+        mask = label_mask(labels, rows, ctx.feature_dim, grad.dim())
         return grad * mask.to(grad.dtype), None, None, None
 
 

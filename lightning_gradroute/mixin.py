@@ -119,7 +119,9 @@ class GradientRoutingMixin:
                 )
         weight = torch.ones_like(item_losses) if valid is None else valid.to(item_losses.dtype)
         if weight.shape != item_losses.shape:
-            raise ValueError(f"routed_loss: valid of shape {tuple(weight.shape)} does not fit {tuple(item_losses.shape)}")
+            raise ValueError(
+                f"routed_loss: valid of shape {tuple(weight.shape)} does not fit {tuple(item_losses.shape)}"
+            )
         stage = stage or self._routing_stage()
         self._log_label_losses(item_losses.detach(), labels, weight, stage)
         count = weight.sum()

@@ -196,7 +196,8 @@ class GradientRouter:
         for target_name, target in self.targets.items():
             routes = [r for r in self.routes if r.target == target_name]
             for module_name, module in resolve_modules(model, target, target_name):
-                site = RoutedSite(self, target_name, target, module_name, routes, groups.get((module_name, target.site)))
+                site_groups = groups.get((module_name, target.site))
+                site = RoutedSite(self, target_name, target, module_name, routes, site_groups)
                 site.check_unit_groups()
                 size = feature_size_hint(module, target.site) if target.feature_dim == -1 else None
                 if size is not None:

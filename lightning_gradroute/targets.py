@@ -46,7 +46,9 @@ def _check_units(units: Units, where: str) -> None:
         raise ValueError(f"{where}: units {list(units)!r} must be integers")
 
 
-def unit_indices(units: Units, size: int, groups: Mapping[str, Sequence[int]] | None = None, where: str = "") -> list[int]:
+def unit_indices(
+    units: Units, size: int, groups: Mapping[str, Sequence[int]] | None = None, where: str = ""
+) -> list[int]:
     """Resolve ``units`` to a sorted list of feature indices in ``range(size)``.
 
     Raises:

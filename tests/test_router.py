@@ -45,7 +45,9 @@ def hand_routed_grads(model: Net, x: Tensor, upstream: Tensor, mask: Tensor) -> 
     grads = torch.autograd.grad(out, [h_leaf, *head_params], upstream)
     block_params = list(model.block.parameters())
     block_grads = torch.autograd.grad(h, block_params, grads[0] * mask)
-    names = [f"block.{n}" for n, _ in model.block.named_parameters()] + [f"head.{n}" for n, _ in model.head.named_parameters()]
+    names = [f"block.{n}" for n, _ in model.block.named_parameters()] + [
+        f"head.{n}" for n, _ in model.head.named_parameters()
+    ]
     return dict(zip(names, [*block_grads, *grads[1:]]))
 
 
@@ -91,25 +93,20 @@ def test_per_example_gradients_equal_hand_masked(target: Target) -> None:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
 
 
-def test_per_token_gradients_equal_hand_masked() -> None:
+@pytest.mark.parametrize(
+    ("labels", "mask_of"),
+    [
+        (torch.tensor([[0, 1, 2, 1], [2, 2, 0, 1], [1, 0, 0, 2]]), lambda lab: TABLE[lab]),  # per token (B, T)
+        (torch.tensor([1, 0, 2]), lambda lab: TABLE[lab][:, None, :]),  # per example, broadcast over tokens
+    ],
+    ids=["per_token", "per_example_over_tokens"],
+)
+def test_sequence_gradients_equal_hand_masked(labels: Tensor, mask_of) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(1)
     model = Net()
     x, upstream = torch.randn(3, 4, 5), torch.randn(3, 4, 3)
-    labels = torch.randint(0, 3, (3, 4))
     router = GradientRouter({"hidden": Target("block.proj")}, ROUTES, LABELS)
-    expected = hand_routed_grads(copy.deepcopy(model), x, upstream, TABLE[labels])
-    got = routed_grads(model, router, x, upstream, labels)
-    for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
-
-
-def test_per_example_labels_broadcast_over_tokens() -> None:
-    torch.manual_seed(2)
-    model = Net()
-    x, upstream = torch.randn(3, 4, 5), torch.randn(3, 4, 3)
-    labels = torch.tensor([1, 0, 2])
-    router = GradientRouter({"hidden": Target("block.proj")}, ROUTES, LABELS)
-    expected = hand_routed_grads(copy.deepcopy(model), x, upstream, TABLE[labels][:, None, :])
+    expected = hand_routed_grads(copy.deepcopy(model), x, upstream, mask_of(labels))
     got = routed_grads(model, router, x, upstream, labels)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
@@ -164,7 +161,9 @@ def test_glob_matches_layers_and_units_resolve() -> None:
 # ------------------------------------------------------------------------------------------------ bad input
 def test_pattern_matching_nothing_lists_close_names() -> None:
     router = GradientRouter({"mlp": Target("blok.proj")}, [])
-    with pytest.raises(ValueError, match=r"target 'mlp': pattern 'blok.proj' matches no module of Net; closest names: block.proj"):
+    with pytest.raises(
+        ValueError, match=r"target 'mlp': pattern 'blok.proj' matches no module of Net; closest names: block.proj"
+    ):
         router.attach(Net())
 
 
@@ -189,7 +188,9 @@ def test_constructor_errors(make, message: str) -> None:  # type: ignore[no-unty
 
 def test_units_out_of_range_fail_at_attach() -> None:
     router = GradientRouter({"h": Target("block.proj")}, [Route("forget", "h", {"0:9": 0.0})])
-    with pytest.raises(ValueError, match=r"target 'h' \(module 'block.proj', output\): slice '0:9' is out of range for 6"):
+    with pytest.raises(
+        ValueError, match=r"target 'h' \(module 'block.proj', output\): slice '0:9' is out of range for 6"
+    ):
         router.attach(Net())
 
 
@@ -227,7 +228,8 @@ def test_label_shape_mismatch_names_target_and_shapes() -> None:
     with router.attached(model), router.route(torch.tensor([0, 1, 1])):
         with pytest.raises(
             ValueError,
-            match=r"target 'h' \(module 'block.proj', output\): labels of shape \(3,\) do not match the activation of shape \(4, 6\)",
+            match=r"target 'h' \(module 'block.proj', output\): labels of shape \(3,\) do not match the activation "
+            r"of shape \(4, 6\)",
         ):
             model(torch.randn(4, 5, requires_grad=True))
 
