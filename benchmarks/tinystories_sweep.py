@@ -75,14 +75,19 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def collect(runs: dict[tuple[str, float], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def collect(runs: dict[tuple[str, float], dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of each metric, and of its difference from plain training with the same seed."""
+    base = runs.get(("base", 1.0), {})
     rows = []
-    for (method, oversight), results in sorted(runs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
-        row: dict[str, Any] = {"method": method, "oversight": oversight, "seeds": len(results)}
+    for (method, oversight), by_seed in sorted(runs.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1])):
+        row: dict[str, Any] = {"method": method, "oversight": oversight, "seeds": len(by_seed)}
         for key, _, get in METRICS:
-            row[key], row[key + "_std"] = summarise([get(r) for r in results])
-        row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in results)
-        row["evaluation_seconds"] = statistics.fmean(r["evaluation_seconds"] for r in results)
+            row[key], row[key + "_std"] = summarise([get(r) for r in by_seed.values()])
+            paired = [get(r) - get(base[seed]) for seed, r in by_seed.items() if seed in base]
+            if paired:
+                row["delta_" + key], row["delta_" + key + "_std"] = summarise(paired)
+        row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in by_seed.values())
+        row["evaluation_seconds"] = statistics.fmean(r["evaluation_seconds"] for r in by_seed.values())
         rows.append(row)
     return rows
 
@@ -119,36 +124,67 @@ def table(rows: list[dict[str, Any]], scale: str, command: str) -> str:
         gap = row["attacked"] - row["retain"]
         oversight = "any" if row["method"] == "base" else f"{row['oversight']:g}"
         lines.append(f"| {LABELS[row['method']]} | {oversight} | {' | '.join(cells)} | {gap:+.4f} |")
+    paired = [row for row in rows if row["method"] != "base" and "delta_retain" in row]
+    if paired:
+        lines += [
+            "",
+            (
+                "Differences from plain training with the same seed (same data split and held-out sets), mean ± "
+                "std over seeds. Positive forget and concept-token differences are unlearning; a positive retain "
+                "difference is its cost."
+            ),
+            "",
+            (
+                "| method | oversight | Δ retain | Δ forget | Δ forget after attack | Δ concept-token | "
+                "Δ concept-token after attack |"
+            ),
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in paired:
+            std = row["seeds"] > 1
+            cells = [
+                f"{row['delta_' + k]:+.4f}" + (f" ± {row['delta_' + k + '_std']:.4f}" if std else "")
+                for k, _, _ in METRICS
+            ]
+            lines.append(f"| {LABELS[row['method']]} | {row['oversight']:g} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict[str, Any]], path: Path, scale: str) -> None:
+    """Top row: each metric against oversight (plain training dashed). Bottom row, when plain training ran: the
+    difference from plain training with the same seed. Error bars: std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4.2))
-    for ax, (key, title, _) in zip(axes, METRICS):
-        for method in METHODS:
-            points = [r for r in rows if r["method"] == method]
-            if not points:
-                continue
-            if method == "base":
-                ax.axhline(points[0][key], color="gray", linestyle="--", label=LABELS[method])
-                continue
-            xs = [r["oversight"] for r in points]
-            ys = [r[key] for r in points]
-            errs = [r[key + "_std"] for r in points]
-            ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=LABELS[method])
-        ax.set_title(title)
-        ax.set_xlabel("oversight (fraction of forget stories labelled)")
-        ax.set_ylabel("loss (nats)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    panels = [("", "loss (nats)")]
+    if any("delta_retain" in r for r in rows):
+        panels.append(("delta_", "difference from plain training (nats)"))
+    fig, axes = plt.subplots(len(panels), len(METRICS), figsize=(5 * len(METRICS), 4.2 * len(panels)), squeeze=False)
+    for axes_row, (prefix, ylabel) in zip(axes, panels):
+        for ax, (key, title, _) in zip(axes_row, METRICS):
+            for method in METHODS:
+                points = [r for r in rows if r["method"] == method and prefix + key in r]
+                if not points:
+                    continue
+                if method == "base":
+                    ax.axhline(points[0][prefix + key], color="gray", linestyle="--", label=LABELS[method])
+                    continue
+                xs = [r["oversight"] for r in points]
+                ys = [r[prefix + key] for r in points]
+                errs = [r[prefix + key + "_std"] for r in points]
+                ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, label=LABELS[method])
+            if prefix:
+                ax.axhline(0.0, color="gray", linestyle="--")
+            ax.set_title(("Δ " if prefix else "") + title)
+            ax.set_xlabel("oversight (fraction of forget stories labelled)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
     fig.suptitle(textwrap.fill(f"TinyStories unlearning vs oversight — {scale}", 200), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -167,14 +203,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"oversight {p} is not in [0, 1]")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-    runs: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    runs: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
     for seed in args.seeds:
         for method in args.methods:
             levels = [1.0] if method == "base" else [p for p in args.oversight if not (method == "rmu" and p == 0)]
             for p in levels:
-                runs.setdefault((method, p), []).append(run_one(method, p, seed, args.runs_dir, args.set, args.recipes))
+                result = run_one(method, p, seed, args.runs_dir, args.set, args.recipes)
+                runs.setdefault((method, p), {})[seed] = result
     rows = collect(runs)
-    all_results = [r for results in runs.values() for r in results]
+    all_results = [r for by_seed in runs.values() for r in by_seed.values()]
     first = all_results[0]
     data = first["data"]
     scale = (
