@@ -190,6 +190,7 @@ def routed_grads(model, router, images, groups):
 
 @pytest.mark.parametrize(
     ("configs", "model_kwargs", "good_on_bad"),
+    # The appendix recipes route digits 5-9 (group 1) to dims 0:16 ("good" in the paper's v1 code), 0-4 to 16:32.
     [
         (["split.yaml"], {}, 0.0),
         (["split.yaml", "appendix/02_separate_decoders.yaml"], {"separate_decoders": True}, 0.0),
@@ -202,12 +203,23 @@ def routed_grads(model, router, images, groups):
     ],
 )
 def test_recipe_routing_equals_the_papers_detach_trick(configs, model_kwargs, good_on_bad) -> None:
+    check_against_paper(configs, model_kwargs, good_group=1, good_on_bad=good_on_bad)
+
+
+def test_main_figure_routing_equals_the_papers_detach_trick() -> None:
+    # HEAD's main figure: digits 0-4 are "good" (dims 0:16), digits 5-9 train both halves.
+    kwargs = {"reconstruction_weights": (1.0, 2.0), "l1_weights": (2e-2, 3e-3)}
+    check_against_paper(["split.yaml", "main_figure.yaml"], kwargs, good_group=0, good_on_bad=1.0)
+
+
+def check_against_paper(configs, model_kwargs, good_group: int, good_on_bad: float) -> None:
     torch.manual_seed(0)
     model = MNISTSplitAutoencoder(hidden_sizes=(16, 8), **model_kwargs)
     images, groups = fake_batch()
     got = routed_grads(model, recipe_router(*configs), images, groups)
-    # The recipes route digits 5-9 (group 1) to dims 0:16 ("good" in the paper's v1 code), 0-4 to dims 16:32.
-    expected = torch.autograd.grad(paper_loss(model, images, groups, 1, good_on_bad), list(model.parameters()))
+    expected = torch.autograd.grad(
+        paper_loss(model, images, groups, good_group, good_on_bad), list(model.parameters())
+    )
     for (name, _), g, e in zip(model.named_parameters(), got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
     assert any(g.abs().sum() > 0 for g in got)
