@@ -3,28 +3,27 @@
 Gradient routing (Cloud et al. 2024, arXiv 2410.04332) leaves the forward pass untouched and multiplies the
 gradient flowing back through chosen activations by a data-dependent weight, so that chosen data only trains
 chosen parts of the network.
+
+The top level holds the library's own concepts: where and what to route (:class:`Target`, :class:`Route`), the
+Lightning callback and mixin, the framework-free router and primitive, label sources, and the
+Expand-Route-Ablate lifecycle. Text label builders are in :mod:`lightning_gradroute.text_labels`, evaluation in
+:mod:`lightning_gradroute.evaluation`, the paper's experiments in :mod:`lightning_gradroute.experiments`.
 """
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.expansion import (
-    Expansion,
+from lightning_gradroute.era import (
     ExpansionRecord,
+    Phase,
+    ablate_state_dict,
     contract,
-    expand,
+    era_state,
     expansion_record,
     save_ablated,
     zero_expanded,
 )
+from lightning_gradroute.expansion import Expansion, expand
 from lightning_gradroute.grad import route_gradient, route_gradient_by_label
-from lightning_gradroute.labels import (
-    BatchKey,
-    FrequencyWeightedLabels,
-    LabelSource,
-    TokenSetLabels,
-    keyword_documents,
-    partial_oversight,
-    token_frequency_weights,
-)
+from lightning_gradroute.labels import BatchKey, LabelSource
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
 from lightning_gradroute.targets import Route, Target
@@ -33,23 +32,21 @@ __all__ = [
     "BatchKey",
     "Expansion",
     "ExpansionRecord",
-    "FrequencyWeightedLabels",
     "GradientRouter",
     "GradientRoutingCallback",
     "GradientRoutingMixin",
     "LabelSource",
+    "Phase",
     "Route",
     "Target",
-    "TokenSetLabels",
+    "ablate_state_dict",
     "contract",
+    "era_state",
     "expand",
     "expansion_record",
-    "keyword_documents",
-    "partial_oversight",
     "route_gradient",
     "route_gradient_by_label",
     "save_ablated",
-    "token_frequency_weights",
     "zero_expanded",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

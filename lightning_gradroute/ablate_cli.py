@@ -21,11 +21,11 @@ import torch
 from jsonargparse import CLI
 from safetensors.torch import save_file
 
-from lightning_gradroute.expansion import ExpansionRecord, ablate_state_dict
+from lightning_gradroute.era import CHECKPOINT_KEY, EraState, Phase, ablate_state_dict, read_checkpoint
 
 __all__ = ["ablate_checkpoint", "main"]
 
-_PHASES = {"contract": "contracted", "zero": "zeroed"}
+_PHASES = {"contract": Phase.CONTRACTED, "zero": Phase.ZEROED}
 
 
 def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract", "zero"] = "contract") -> Path:
@@ -42,12 +42,14 @@ def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract",
     if mode not in _PHASES:
         raise ValueError(f"gradroute ablate: mode must be 'contract' or 'zero', got {mode!r}")
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    saved = ckpt.get("gradroute") if isinstance(ckpt, dict) else None
-    if not saved or "state_dict" not in ckpt:
-        raise ValueError(f"gradroute ablate: {checkpoint} has no checkpoint['gradroute']; it was not saved mid-ERA")
-    if saved["phase"] != "expanded":
-        raise ValueError(f"gradroute ablate: {checkpoint} is already ablated (phase {saved['phase']!r})")
-    state = ablate_state_dict(ckpt["state_dict"], ExpansionRecord.from_dict(saved["expansion"]), mode)
+    saved = read_checkpoint(ckpt, f"gradroute ablate: {checkpoint}") if isinstance(ckpt, dict) else None
+    if saved is None or "state_dict" not in ckpt:
+        raise ValueError(
+            f"gradroute ablate: {checkpoint} has no checkpoint[{CHECKPOINT_KEY!r}]; it was not saved mid-ERA"
+        )
+    if saved.phase is not Phase.EXPANDED:
+        raise ValueError(f"gradroute ablate: {checkpoint} is already ablated (phase {saved.phase.value!r})")
+    state = ablate_state_dict(ckpt["state_dict"], saved.record, mode)
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
@@ -57,7 +59,7 @@ def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract",
     for key in ("optimizer_states", "lr_schedulers"):
         ckpt.pop(key, None)
     ckpt["state_dict"] = state
-    ckpt["gradroute"] = {**saved, "phase": _PHASES[mode]}
+    ckpt[CHECKPOINT_KEY] = EraState(saved.record, _PHASES[mode]).to_dict()
     torch.save(ckpt, path)
     return path
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -11,24 +9,27 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_gradroute.expansion import (
-    Expansion,
-    ExpansionRecord,
+from lightning_gradroute._compat import launched_by_multiprocessing
+from lightning_gradroute.era import (
+    EraState,
+    Phase,
+    ablate,
     check_same_expansion,
-    contract,
-    expand,
+    era_state,
     expansion_record,
+    read_checkpoint,
     save_ablated,
-    zero_expanded,
+    write_checkpoint,
 )
+from lightning_gradroute.expansion import Expansion, expand
 from lightning_gradroute.labels import BatchKey, LabelSource
+from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
-from lightning_gradroute.targets import Route, Target, UnitGroups
+from lightning_gradroute.targets import Route, Target
 
 __all__ = ["GradientRoutingCallback"]
 
@@ -41,22 +42,25 @@ class GradientRoutingCallback(Callback):
     gives those units: 1 lets learning through, 0 stops it, a fraction damps it, a negative value reverses it.
     Validation, test and predict run unrouted.
 
-    Lifecycle (see ``shared/reference/lightning-integration.md`` for why each hook):
+    Every configuration routes exactly what it says or stops with a one-line error: patterns, units and route
+    sets are checked in the constructor and in ``setup``, labels at every batch, and after the first routed
+    batch the callback proves that every matched site was called, routed and reached by a gradient.
+
+    Lifecycle (the order of ``Trainer.fit``'s hooks decides each place; see ``docs/era.md``):
 
     * ``setup("fit")``: calls the module's ``configure_model`` if it is overridden (so lazily built layers
-      exist), resolves the target patterns and registers the hooks, before checkpoint restore, DDP wrapping,
-      ``torch.compile`` tracing and the sanity check.
+      exist), expands the model if asked, resolves the target patterns and registers the hooks: before
+      checkpoint restore, DDP wrapping, ``configure_optimizers``, ``torch.compile`` tracing and the sanity check.
     * ``on_train_batch_start``: reads the labels from the batch and holds them until ``on_train_batch_end``
       (after backward, so activation checkpointing's recomputation sees the same labels).
+    * ``on_fit_end`` (model unwrapped, after the last ``ModelCheckpoint`` save): ablates an expanded model.
     * ``teardown("fit")``: removes the hooks; nothing leaks into a later ``validate`` / ``test``.
 
-    Expand-Route-Ablate (ERA): with ``expansions``, ``setup("fit")`` first grows the model (new parameters
-    exist before checkpoint restore, DDP wrapping and ``configure_optimizers``), and routes may use the units
-    ``"expanded"`` / ``"original"``. ``on_fit_end`` (model unwrapped, after the last ``ModelCheckpoint`` save)
-    ablates: ``"contract"`` slices the model back to its original architecture, ``"zero"`` zeroes the new
-    units keeping the shapes; the ablated weights are then saved to ``<log_dir>/ablated/``
-    (``model.safetensors``, plus ``save_pretrained`` output for each HF model inside). Checkpoints carry the
-    expansion under ``checkpoint["gradroute"]``.
+    Expand-Route-Ablate (ERA): with ``expansions``, ``setup("fit")`` first adds new units beside the model's
+    own, and routes may use the units ``"expanded"`` / ``"original"``. At fit end ``"contract"`` removes them
+    (the original architecture), ``"zero"`` zeroes them keeping the shapes; the ablated weights are then saved
+    to ``<log_dir>/ablated/`` (``model.safetensors``, plus ``save_pretrained`` output for each HF model
+    inside). Checkpoints carry the ERA state (:mod:`lightning_gradroute.era`).
 
     Example::
 
@@ -83,9 +87,10 @@ class GradientRoutingCallback(Callback):
     Args:
         targets: named :class:`~lightning_gradroute.Target` s (where). Patterns match
             ``pl_module.named_modules()``.
-        routes: :class:`~lightning_gradroute.Route` s (what, per label).
+        routes: :class:`~lightning_gradroute.Route` s (what, per label), at most one per (label, target).
         labels: the label names; integer labels in the batch index this list. Float labels in [0, 1] are soft
-            labels between the first and second name.
+            labels between the first and second name. A :class:`~lightning_gradroute.GradientRoutingMixin`
+            module must declare the same ``routing_labels`` (checked in ``setup``).
         label_key: where the batch carries the labels: a dict key or a tuple position. Ignored when
             ``label_source`` is given.
         label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch.
@@ -96,13 +101,25 @@ class GradientRoutingCallback(Callback):
             ``"zero"`` (keep shapes, zero the new units) or ``None`` (keep the trained expanded model).
         save_ablated: save the ablated weights: ``True`` under ``trainer.log_dir`` (or ``default_root_dir``),
             a path for another directory, ``False`` not at all.
+        allow_noop: accept routes that route nothing (none at all, a target without a route, all weights 1),
+            for control runs and sweeps through weight 1.
+        check_coverage: after the first routed batch, raise unless every matched site was called, routed and
+            reached by a gradient. Turn off only for models whose step uses some targets conditionally (sparse
+            mixtures of experts).
+        log_grad_norms: log ``gradroute/grad_norm/<target>/<label>/<units>`` at every step: the norm of the
+            routed gradient that the batch's items of each label send into each unit group (``"all"`` and every
+            selection a route names), over all ranks' items and divided by the world size as DDP averages, so it
+            equals one process on the global batch. A forget label's norm into ``"original"`` units shows leakage
+            directly. Costs one small all-reduce per step under DDP.
 
     Raises:
-        ValueError: in the constructor for malformed targets, routes, labels or expansions; in ``setup`` for a
-            pattern that matches no module (with the closest names), units out of range, ``"expanded"`` units
-            on a module no expansion covers, a module an expansion preset does not fit, or ``ablate`` other than
-            ``"contract"`` under ``ddp_spawn``; at checkpoint restore for a checkpoint of another expansion;
-            at the first batch for labels of the wrong shape, dtype or range.
+        ValueError: in the constructor for malformed targets, routes, labels or expansions and route sets that
+            route nothing; in ``setup`` for a pattern that matches no module (with the closest names), units out
+            of range, ``"expanded"`` units on a module no expansion covers, a module an expansion preset does not
+            fit, label names that differ from the module's ``routing_labels``, or ``ablate`` other than
+            ``"contract"`` under ``ddp_spawn``; at checkpoint restore for a checkpoint of another routing config
+            (naming the fields that differ) or expansion; at the first batch for labels of the wrong shape, dtype
+            or range, and for a site that routed nothing.
     """
 
     def __init__(
@@ -116,26 +133,35 @@ class GradientRoutingCallback(Callback):
         expansions: Sequence[Expansion] = (),
         ablate: Literal["contract", "zero"] | None = "contract",
         save_ablated: bool | str = True,
+        allow_noop: bool = False,
+        check_coverage: bool = True,
+        log_grad_norms: bool = False,
     ) -> None:
-        self.router = GradientRouter(targets, routes, labels)
+        self.router = GradientRouter(targets, routes, labels, allow_noop=allow_noop, telemetry=log_grad_norms)
         if ablate not in ("contract", "zero", None):
             raise ValueError(f"GradientRoutingCallback: ablate must be 'contract', 'zero' or None, got {ablate!r}")
         for expansion in expansions:
             if not isinstance(expansion, Expansion):
                 raise ValueError(f"GradientRoutingCallback: expansions must be Expansion objects, got {expansion!r}")
+        if label_source is not None and not callable(label_source):
+            raise ValueError(f"GradientRoutingCallback: label_source {label_source!r} is not callable")
         self.expansions = list(expansions)
         self.ablate = ablate
         self.save_ablated = save_ablated
-        #: ``"none"`` (never expanded), ``"expanded"``, or after ``on_fit_end`` ``"zeroed"`` / ``"contracted"``.
-        self.phase = "none"
-        self.record: ExpansionRecord | None = None  # the model's expansion, kept after contraction
-        self.ablated_dir: Path | None = None
-        if label_source is not None and not callable(label_source):
-            raise ValueError(f"GradientRoutingCallback: label_source {label_source!r} is not callable")
+        self.check_coverage = check_coverage
         self.label_source: LabelSource = label_source or BatchKey(label_key, remove=remove_labels_from_batch)
+        #: The ERA state of the module this callback set up (``None`` without an expansion).
+        self.era: EraState | None = None
+        self.ablated_dir: Path | None = None
         self.steps_routed = 0
         # Items (examples or tokens) seen per label; a tensor on the batch's device so counting never syncs.
         self._label_totals = torch.zeros(len(self.router.label_names), dtype=torch.float64)
+        self._backward_seen = False
+
+    @property
+    def phase(self) -> Phase | None:
+        """The ERA phase of the module (``None`` if it was not expanded)."""
+        return self.era.phase if self.era is not None else None
 
     @property
     def label_totals(self) -> list[float]:
@@ -143,100 +169,70 @@ class GradientRoutingCallback(Callback):
         return self._label_totals.tolist()
 
     # ------------------------------------------------------------------ state
-    @property
-    @override
-    def state_key(self) -> str:
-        return self._generate_state_key(config=self.config_hash)
-
-    @property
-    def config_hash(self) -> str:
-        """A short hash of the routing configuration, compared on resume."""
-        config = {
-            "targets": {k: repr(v) for k, v in sorted(self.router.targets.items())},
-            "routes": [repr(r) for r in self.router.routes],
-            "labels": self.router.label_names,
-        }
-        return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "config_hash": self.config_hash,
-            "steps_routed": self.steps_routed,
-            "label_totals": self.label_totals,
-            "phase": self.phase,
-        }
-
-    def _check_config(self, saved_hash: object) -> None:
-        if saved_hash != self.config_hash:
-            raise ValueError(
-                f"GradientRoutingCallback: the checkpoint was trained with routing config {saved_hash}"
-                f", this callback has {self.config_hash}; resume with the same targets, routes and labels"
-            )
+        return {"config": self.router.config(), "steps_routed": self.steps_routed, "label_totals": self.label_totals}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._check_config(state_dict.get("config_hash"))
+        changed = _differences(state_dict.get("config", {}), self.router.config())
+        if changed:
+            more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+            raise ValueError(
+                "GradientRoutingCallback: the checkpoint was trained with another routing config: "
+                f"{'; '.join(changed[:4])}{more}; resume with the same targets, routes and labels"
+            )
         self.steps_routed = int(state_dict["steps_routed"])
         self._label_totals = torch.tensor(state_dict["label_totals"], dtype=torch.float64)
-        self.phase = state_dict.get("phase", self.phase)
 
     @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        if self.record is not None:
-            checkpoint["gradroute"] = {"phase": self.phase, "expansion": self.record.to_dict()}
+        write_checkpoint(checkpoint, pl_module)
 
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        # Lightning finds this callback's state by state_key, which contains the config hash: the state of another
-        # routing config would silently not be loaded at all. Fail instead.
-        states = checkpoint.get("callbacks", {})
-        saved = [s.get("config_hash") for k, s in states.items() if k.startswith(f"{type(self).__qualname__}{{")]
-        if saved and self.state_key not in states:
-            self._check_config(", ".join(map(str, saved)))
-        if checkpoint.get("gradroute", {}).get("phase") == "contracted":
+        saved = read_checkpoint(checkpoint)
+        if saved is not None and saved.phase is Phase.CONTRACTED:
             raise ValueError(
                 "GradientRoutingCallback: the checkpoint holds already-ablated (contracted) weights, nothing to "
                 "resume; load them into the model and start a new fit without ckpt_path"
             )
-        expansion = checkpoint.get("gradroute", {}).get("expansion")
-        saved_record = ExpansionRecord.from_dict(expansion) if expansion else None
-        check_same_expansion(saved_record, expansion_record(pl_module), "GradientRoutingCallback")
+        check_same_expansion(saved.record if saved else None, expansion_record(pl_module), "GradientRoutingCallback")
 
     # ---------------------------------------------------------------- lifecycle
-    def unit_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> UnitGroups:
-        """Symbolic unit groups (``"expanded"`` / ``"original"``) per hook site; none without an expansion."""
-        record = expansion_record(pl_module)
-        return record.unit_groups if record else {}
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.router.is_attached:
             return
+        if isinstance(pl_module, GradientRoutingMixin) and list(pl_module.routing_labels) != self.router.label_names:
+            raise ValueError(
+                f"GradientRoutingCallback: labels {self.router.label_names} differ from "
+                f"{type(pl_module).__name__}.routing_labels {list(pl_module.routing_labels)}; the logged per-label "
+                "losses would be mislabelled, declare the same names in the same order"
+            )
         if is_overridden("configure_model", pl_module):
             # Lightning calls configure_model only after Callback.setup; layers it builds must exist before
             # the patterns are resolved. configure_model is required to be idempotent.
             pl_module.configure_model()
         if self.expansions:
-            if self.ablate != "contract" and isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            if self.ablate != "contract" and launched_by_multiprocessing(trainer):
                 raise ValueError(
                     f"GradientRoutingCallback: ablate={self.ablate!r} keeps the expanded shapes, which a "
                     f"{type(trainer.strategy).__name__} launched by multiprocessing (ddp_spawn, ddp_fork) cannot "
                     "hand back to the main process's unexpanded model; use ablate='contract' or strategy='ddp'"
                 )
             expand(pl_module, self.expansions)
-        self.record = expansion_record(pl_module)
-        if self.record is not None:
-            self.phase = "expanded"
-            if self.ablate and self.save_ablated:
-                # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
-                root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir
-                self.ablated_dir = Path(root or trainer.default_root_dir) / "ablated"
-        self.router.attach(pl_module, self.unit_groups(trainer, pl_module))
+        record = expansion_record(pl_module)  # the callback's expansion, or the mixin's from configure_model
+        self.era = era_state(pl_module) if record is not None else None
+        if record is not None and self.ablate and self.save_ablated:
+            # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
+            root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir
+            self.ablated_dir = Path(root or trainer.default_root_dir) / "ablated"
+        self.router.attach(pl_module, record.unit_groups if record is not None else {})
         rank_zero_info(f"gradient routing on {len(self.router.sites)} sites:\n{self.router.describe()}")
 
     @override
@@ -253,24 +249,38 @@ class GradientRoutingCallback(Callback):
         self._label_totals = self._label_totals.to(counts.device) + counts
 
     @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._backward_seen = True
+
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self.router.clear_labels()
+        # A skipped step (training_step returned None) runs no backward: judge coverage at the first that does.
+        if self.check_coverage and self._backward_seen and not self.router.coverage_checked:
+            self.router.check_coverage()
+        if self.router.telemetry:
+            self._log_grad_norms(trainer, pl_module)
+
+    def _log_grad_norms(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sums = self.router.pop_grad_norms()
+        if not sums:
+            return
+        squares = torch.stack([v.to(pl_module.device) for v in sums.values()])
+        # Summed over ranks, divided by the world size as DDP averages gradients: DDP equals one process.
+        norms = trainer.strategy.reduce(squares, reduce_op="sum").sqrt() / trainer.world_size
+        for (target, label, units), norm in zip(sums, norms):
+            pl_module.log(f"gradroute/grad_norm/{target}/{label}/{units}", norm, on_step=True, batch_size=1)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.ablate is None or expansion_record(pl_module) is None:
             return
-        if self.ablate == "contract":
-            contract(pl_module)
-            self.phase = "contracted"
-        else:
-            zero_expanded(pl_module)
-            self.phase = "zeroed"
+        phase = ablate(pl_module, self.ablate)
         if self.ablated_dir is not None and trainer.is_global_zero:
-            save_ablated(pl_module, self.ablated_dir, hf=self.phase == "contracted")
-            rank_zero_info(f"ablated ({self.phase}) weights saved to {self.ablated_dir}")
+            save_ablated(pl_module, self.ablated_dir, hf=phase is Phase.CONTRACTED)
+            rank_zero_info(f"ablated ({phase.value}) weights saved to {self.ablated_dir}")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -281,3 +291,21 @@ class GradientRoutingCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.router.detach()
+
+
+def _differences(saved: Any, current: Any, path: str = "") -> list[str]:
+    """``path: saved -> current`` for every leaf where two plain-data configs differ."""
+    if isinstance(saved, Mapping) and isinstance(current, Mapping):
+        out = []
+        for key in list(saved) + [k for k in current if k not in saved]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in current:
+                out.append(f"{where}: {saved[key]!r} -> absent")
+            elif key not in saved:
+                out.append(f"{where}: absent -> {current[key]!r}")
+            else:
+                out += _differences(saved[key], current[key], where)
+        return out
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [d for i, (a, b) in enumerate(zip(saved, current)) for d in _differences(a, b, f"{path}[{i}]")]
+    return [] if saved == current else [f"{path}: {saved!r} -> {current!r}"]

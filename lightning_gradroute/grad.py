@@ -16,12 +16,13 @@ autograd graph (DDP with ``find_unused_parameters=False`` or ``static_graph`` ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["route_gradient", "route_gradient_by_label", "label_mask"]
+__all__ = ["BackwardObserver", "label_mask", "route_gradient", "route_gradient_by_label"]
 
 
 class _RouteGradient(torch.autograd.Function):
@@ -83,24 +84,40 @@ def label_mask(labels: Tensor, table: Tensor, feature_dim: int, ndim: int) -> Te
     return mask.reshape(*labels.shape, *([1] * (feature_dim - k)), table.shape[1], *([1] * trailing))
 
 
+#: Called in backward with the routed gradient and the labels (coverage counters, gradient telemetry).
+BackwardObserver = Callable[[Tensor, Tensor], None]
+
+
 class _RouteGradientByLabel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, labels: Tensor, table: Tensor, feature_dim: int) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, labels: Tensor, table: Tensor, feature_dim: int, on_backward: BackwardObserver | None
+    ) -> Tensor:
         ctx.save_for_backward(labels, table)
         ctx.feature_dim = feature_dim
+        ctx.on_backward = on_backward
         return x.detach()  # shares x's storage; a view_as view would forbid in-place ops downstream
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         labels, table = ctx.saved_tensors
         # Hard labels gather rows, which commutes with the cast, so cast the small table first. Soft labels
         # interpolate in the table's precision (fp32) and cast the result once.
         rows = table if labels.is_floating_point() else table.to(grad.dtype)
         mask = label_mask(labels, rows, ctx.feature_dim, grad.dim())
-        return grad * mask.to(grad.dtype), None, None, None
+        routed = grad * mask.to(grad.dtype)
+        if ctx.on_backward is not None:
+            ctx.on_backward(routed, labels)
+        return routed, None, None, None, None
 
 
-def route_gradient_by_label(x: Tensor, labels: Tensor, table: Tensor, feature_dim: int = -1) -> Tensor:
+def route_gradient_by_label(
+    x: Tensor,
+    labels: Tensor,
+    table: Tensor,
+    feature_dim: int = -1,
+    on_backward: BackwardObserver | None = None,
+) -> Tensor:
     """Return ``x`` unchanged; in backward, multiply its gradient by ``table[labels]`` along ``feature_dim``.
 
     Args:
@@ -109,6 +126,9 @@ def route_gradient_by_label(x: Tensor, labels: Tensor, table: Tensor, feature_di
             between rows 0 and 1), of shape ``(B,)`` per example or ``(B, T)`` per token.
         table: ``(num_labels, features)`` gradient weights.
         feature_dim: the dim of ``x`` that indexes features.
+        on_backward: called in backward as ``on_backward(routed_grad, labels)`` (the router counts with it that
+            every site received a gradient, and measures per-label gradient norms when asked). It must not modify
+            ``routed_grad``.
 
     Only ``labels`` and ``table`` are saved for backward; the full mask exists only transiently there.
     """
@@ -123,4 +143,4 @@ def route_gradient_by_label(x: Tensor, labels: Tensor, table: Tensor, feature_di
             f"route_gradient_by_label: table of shape {tuple(table.shape)} does not fit {x.shape[feature_dim]} "
             f"features at dim {feature_dim} of x {tuple(x.shape)}"
         )
-    return _RouteGradientByLabel.apply(x, labels, table, feature_dim)
+    return _RouteGradientByLabel.apply(x, labels, table, feature_dim, on_backward)

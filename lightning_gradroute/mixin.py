@@ -9,15 +9,16 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from lightning_gradroute.expansion import (
-    Expansion,
-    ExpansionRecord,
+from lightning_gradroute.era import (
+    Phase,
     check_same_expansion,
     contract,
-    expand,
     expansion_record,
+    read_checkpoint,
+    write_checkpoint,
 )
-from lightning_gradroute.labels import check_labels
+from lightning_gradroute.expansion import Expansion, expand
+from lightning_gradroute.labels import check_labels, label_membership
 
 __all__ = ["GradientRoutingMixin"]
 
@@ -44,10 +45,11 @@ class GradientRoutingMixin:
                 losses = F.cross_entropy(logits.transpose(1, 2), batch["input_ids"][:, 1:], reduction="none")
                 return self.routed_loss(losses, batch["route_labels"], valid=batch["attention_mask"][:, 1:])
 
-    Expanded checkpoints: :meth:`on_load_checkpoint` rebuilds the shapes recorded in ``checkpoint["gradroute"]``
-    (written by :class:`~lightning_gradroute.GradientRoutingCallback`, and by this mixin for a module it
-    expanded) before the weights load, so ``MyModule.load_from_checkpoint(path)`` works on a checkpoint taken
-    mid-ERA, and on one taken after contraction. A module may also set ``self.expansions`` (e.g. from an
+    Expanded checkpoints: :meth:`on_load_checkpoint` brings the module to the shapes recorded in the checkpoint's
+    ERA state (:func:`~lightning_gradroute.era.read_checkpoint`) before the weights load: Lightning calls it
+    between ``configure_model`` and ``load_state_dict``, in ``Trainer.fit(ckpt_path=...)`` and in
+    ``MyModule.load_from_checkpoint(path)``. So a checkpoint taken mid-ERA loads into new units, and one taken
+    after contraction into the original architecture. A module may also set ``self.expansions`` (e.g. from an
     ``__init__`` argument kept in ``hparams``): :meth:`configure_model` then expands it (a module that overrides
     ``configure_model`` calls ``super().configure_model()`` after building its layers).
 
@@ -76,24 +78,22 @@ class GradientRoutingMixin:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
-        record = expansion_record(self)  # type: ignore[arg-type]
-        if record is not None:
-            checkpoint.setdefault("gradroute", {"phase": "expanded", "expansion": record.to_dict()})
+        write_checkpoint(checkpoint, self)  # type: ignore[arg-type]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        saved = checkpoint.get("gradroute")
-        if not saved:
-            return
-        if saved["phase"] == "contracted":
-            if expansion_record(self) is not None:  # type: ignore[arg-type]
+        saved = read_checkpoint(checkpoint)
+        current = expansion_record(self)  # type: ignore[arg-type]  # from configure_model or the callback's setup
+        if saved is None:
+            check_same_expansion(None, current, type(self).__name__)
+        elif saved.phase is Phase.CONTRACTED:
+            if current is not None:
+                check_same_expansion(saved.record, current, type(self).__name__)
                 contract(self)  # type: ignore[arg-type]
-            return
-        saved_record = ExpansionRecord.from_dict(saved["expansion"])
-        current = expansion_record(self)  # type: ignore[arg-type]
-        if current is not None:  # expanded by the callback's setup or by configure_model
-            check_same_expansion(saved_record, current, type(self).__name__)
-        expand(self, [Expansion.from_dict(e) for e in saved_record.spec])  # type: ignore[arg-type]
+        elif current is None:
+            expand(self, saved.record.spec)  # type: ignore[arg-type]
+        else:
+            check_same_expansion(saved.record, current, type(self).__name__)
 
     def routed_loss(
         self, item_losses: Tensor, labels: Tensor, valid: Tensor | None = None, stage: str | None = None
@@ -130,14 +130,8 @@ class GradientRoutingMixin:
             count = strategy.reduce(count.detach(), reduce_op="sum") / strategy.world_size
         return (item_losses * weight).sum() / count.clamp_min(1e-12)
 
-    def label_weights(self, labels: Tensor) -> Tensor:
-        """Membership of each item in each label, ``(*labels.shape, num_labels)``; soft labels split two ways."""
-        if labels.is_floating_point():
-            return torch.stack([1 - labels, labels], dim=-1)
-        return nn.functional.one_hot(labels, len(self.routing_labels)).to(torch.get_default_dtype())
-
     def _log_label_losses(self, losses: Tensor, labels: Tensor, weight: Tensor, stage: str) -> None:
-        membership = self.label_weights(labels).to(losses.dtype) * weight.unsqueeze(-1)
+        membership = label_membership(labels, len(self.routing_labels)).to(losses.dtype) * weight.unsqueeze(-1)
         for i, label in enumerate(self.routing_labels):
             metric = self.routing_metrics[f"{stage}_{label}"]
             metric.update(losses.flatten(), membership[..., i].flatten())

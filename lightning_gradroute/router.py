@@ -17,12 +17,18 @@ loop can use it directly::
 Labels are kept fixed from ``route()``'s entry to its exit, so backward-time recomputation (activation
 checkpointing re-runs forward hooks) sees the same labels as the forward pass. Masks never live in module
 buffers (DDP would broadcast rank 0's), and routing is a tensor multiplication, never a branch on mask values.
+
+A configuration either routes exactly what it says or raises: routes that cannot route anything fail in the
+constructor or at :meth:`~GradientRouter.attach`, and after the first routed batch
+:meth:`~GradientRouter.check_coverage` proves that every hooked site was called, routed and reached by a
+gradient in backward (Python counters bumped by the hooks and the routing function; no device sync).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -30,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradroute.grad import route_gradient_by_label
-from lightning_gradroute.labels import check_labels
+from lightning_gradroute.labels import check_labels, label_membership
 from lightning_gradroute.targets import (
     SYMBOLIC_UNITS,
     Route,
@@ -39,13 +45,18 @@ from lightning_gradroute.targets import (
     feature_size_hint,
     resolve_modules,
     unit_indices,
+    units_label,
 )
 
 __all__ = ["GradientRouter", "RoutedSite"]
 
 
 class RoutedSite:
-    """One hooked tensor: a (module, site) pair of a target, with its per-label weight tables."""
+    """One hooked tensor: a (module, site) pair of a target, with its per-label weight tables and counters.
+
+    Counters (while labels are set): ``calls`` forwards that reached the hook, ``routed`` values that required
+    grad and were routed, ``backward`` gradients that flowed back through the routing function.
+    """
 
     def __init__(
         self,
@@ -62,24 +73,60 @@ class RoutedSite:
         self.module_name = module_name
         self.routes = list(routes)
         self.unit_groups = dict(unit_groups or {})
+        self.calls = self.routed = self.backward = 0
+        self.grad_sq: Tensor | None = None  # (labels, unit groups) squared gradient norms, with telemetry on
         self._tables: dict[tuple[int, torch.device], Tensor] = {}
+        self._group_matrices: dict[tuple[int, torch.device], Tensor] = {}
 
     @property
     def where(self) -> str:
         return f"target {self.target_name!r} (module {self.module_name!r}, {self.target.site})"
 
+    @property
+    def known_size(self) -> int | None:
+        """The feature size when it is known before any forward: from an expansion's groups or the module type."""
+        if self.unit_groups:
+            return sum(len(v) for v in self.unit_groups.values())
+        return None
+
+    # ------------------------------------------------------------------------------------------- tables
     def build_table(self, size: int) -> Tensor:
-        """The ``(num_labels, size)`` float32 weight table; rows of labels without routes are all ones."""
+        """The ``(num_labels, size)`` float32 weight table; rows of labels without routes are all ones.
+
+        Raises:
+            ValueError: a route entry that selects none of the target's units or that later entries override
+                entirely, or (unless the router allows it) a route whose row comes out all ones.
+        """
         labels = self.router.label_names
         table = torch.ones(len(labels), size)
         target_units = set(unit_indices(self.target.units, size, self.unit_groups, self.where))
         for route in self.routes:
             row = labels.index(route.label)
-            for units, weight in route.unit_weights():
+            owner: dict[int, int] = {}
+            entries = route.unit_weights()
+            for k, (units, weight) in enumerate(entries):
                 selected = target_units
                 if units is not None:
                     selected = target_units.intersection(unit_indices(units, size, self.unit_groups, self.where))
+                if not selected:
+                    raise ValueError(
+                        f"Route {route.label!r} -> {route.target!r}: units {units_label(units)!r} "  # type: ignore[arg-type]
+                        f"do not intersect the target's units {units_label(self.target.units)!r} at {self.where}; "
+                        "the entry routes nothing"
+                    )
+                owner.update(dict.fromkeys(selected, k))
                 table[row, sorted(selected)] = weight
+            shadowed = [units_label(u) for k, (u, _) in enumerate(entries) if k not in owner.values() and u is not None]
+            if shadowed:
+                raise ValueError(
+                    f"Route {route.label!r} -> {route.target!r}: entry {shadowed[0]!r} is overridden entirely by "
+                    f"later entries at {self.where} (later entries win); reorder or remove it"
+                )
+            if not self.router.allow_noop and bool((table[row] == 1).all()):
+                raise ValueError(
+                    f"Route {route.label!r} -> {route.target!r}: every weight at {self.where} is 1, so it routes "
+                    "nothing; remove the route (or pass allow_noop=True for a control run)"
+                )
         return table
 
     def check_unit_groups(self) -> None:
@@ -96,39 +143,152 @@ class RoutedSite:
             table = self._tables[key] = self.build_table(size).to(device)
         return table
 
+    def group_names(self) -> list[str]:
+        """The unit groups gradient telemetry reports here: ``"all"`` and every selection a route names."""
+        names = ["all"]
+        for route in self.routes:
+            names += [units_label(u) for u, _ in route.unit_weights() if u is not None]
+        return list(dict.fromkeys(names))
+
+    def group_matrix(self, size: int, device: torch.device) -> Tensor:
+        """``(size, groups)`` 0/1 float32 membership of every feature in each of :meth:`group_names`."""
+        key = (size, device)
+        matrix = self._group_matrices.get(key)
+        if matrix is None:
+            target_units = unit_indices(self.target.units, size, self.unit_groups, self.where)
+            selections: dict[str, list[int]] = {"all": target_units}
+            for route in self.routes:
+                for units, _ in route.unit_weights():
+                    if units is not None:
+                        chosen = set(unit_indices(units, size, self.unit_groups, self.where))
+                        selections[units_label(units)] = sorted(chosen.intersection(target_units))
+            matrix = torch.zeros(size, len(selections))
+            for column, indices in enumerate(selections.values()):
+                matrix[indices, column] = 1.0
+            matrix = self._group_matrices[key] = matrix.to(device)
+        return matrix
+
+    # ------------------------------------------------------------------------------------------ routing
     def route(self, x: Any) -> Any:
         labels = self.router.current_labels
-        if labels is None or not isinstance(x, Tensor) or not x.requires_grad:
+        assert labels is not None  # the hooks return early without labels
+        self.calls += 1
+        if not isinstance(x, Tensor):
+            raise ValueError(
+                f"{self.where}: the routed value is a {type(x).__name__}, not a tensor; point output_index at a "
+                "tensor (or target another module)"
+            )
+        if not x.requires_grad:  # e.g. the no-grad first pass of reentrant checkpointing; check_coverage judges
             return x
+        self.routed += 1
         feature_dim = self.target.feature_dim % x.dim() if x.dim() else 0
         if tuple(x.shape[: labels.dim()]) != tuple(labels.shape) or feature_dim < labels.dim():
             raise ValueError(
                 f"{self.where}: labels of shape {tuple(labels.shape)} do not match the activation of shape "
                 f"{tuple(x.shape)} (labels must equal its leading dims, before feature dim {feature_dim})"
             )
-        return route_gradient_by_label(x, labels, self.table(x.shape[feature_dim], x.device), feature_dim)
+        table = self.table(x.shape[feature_dim], x.device)
+        return route_gradient_by_label(x, labels, table, feature_dim, on_backward=self._on_backward)
 
-    def _pick(self, value: Any, what: str) -> tuple[Any, int | None]:
+    def _on_backward(self, routed_grad: Tensor, labels: Tensor) -> None:
+        self.backward += 1
+        if self.router.telemetry:
+            self._record_grad_norms(routed_grad, labels)
+
+    def _record_grad_norms(self, routed_grad: Tensor, labels: Tensor) -> None:
+        """Add the squared norm of the routed gradient per (label, unit group) to :attr:`grad_sq`."""
+        feature_dim = self.target.feature_dim % routed_grad.dim()
+        square = routed_grad.detach().float().square()
+        other = [d for d in range(labels.dim(), square.dim()) if d != feature_dim]
+        per_item = (square.sum(dim=other) if other else square).reshape(labels.numel(), -1)
+        per_group = per_item @ self.group_matrix(per_item.shape[1], per_item.device)
+        membership = label_membership(labels, len(self.router.label_names)).reshape(labels.numel(), -1)
+        grad_sq = membership.float().T @ per_group
+        self.grad_sq = grad_sq if self.grad_sq is None else self.grad_sq + grad_sq
+
+    def _pick(self, value: Any, what: str) -> tuple[Any, Callable[[Tensor], Any]]:
+        """The value to route inside a module's output (or input) and how to put the routed value back."""
         index = self.target.output_index
-        if isinstance(value, tuple):
-            if index is None:
+        if isinstance(value, Tensor):
+            if index is not None:
                 raise ValueError(
-                    f"{self.where}: the module's {what} is a tuple of {len(value)}; set output_index on the Target"
+                    f"{self.where}: the module's {what} is a tensor, not a tuple or dict; drop output_index={index!r}"
                 )
-            return value[index], index
-        return value, None
+            return value, lambda routed: routed
+        if isinstance(value, Mapping):  # dicts and HF ModelOutput
+            if not isinstance(index, str) or index not in value:
+                raise ValueError(
+                    f"{self.where}: the module's {what} is a {type(value).__name__} with keys {list(value)}; set "
+                    f"output_index to the key to route (got {index!r})"
+                )
+
+            def put_key(routed: Tensor) -> Any:
+                if type(value) is dict:
+                    return {**value, index: routed}
+                value[index] = routed  # ModelOutput and other mappings: set in place (it is this call's own)
+                return value
+
+            return value[index], put_key
+        if isinstance(value, (tuple, list)):
+            if not isinstance(index, int) or isinstance(index, bool) or not -len(value) <= index < len(value):
+                raise ValueError(
+                    f"{self.where}: the module's {what} is a {type(value).__name__} of {len(value)}; set output_index "
+                    f"to the position to route (got {index!r})"
+                )
+
+            def put_item(routed: Tensor) -> Any:
+                items = list(value)
+                items[index] = routed
+                if isinstance(value, tuple):
+                    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+                return items
+
+            return value[index], put_item
+        raise ValueError(
+            f"{self.where}: the module's {what} is a {type(value).__name__}, not a tensor, tuple or dict; gradient "
+            "routing needs a tensor here"
+        )
 
     def output_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
-        value, index = self._pick(output, "output")
-        if index is None:
-            return self.route(value)
-        return (*output[:index], self.route(value), *output[index + 1 :])
+        if self.router.current_labels is None:
+            return None
+        value, put = self._pick(output, "output")
+        return put(self.route(value))
 
-    def input_hook(self, module: nn.Module, args: tuple[Any, ...]) -> Any:
-        if not args:
-            raise ValueError(f"{self.where}: the module was called with no positional input to route")
-        index = self.target.output_index or 0
-        return (*args[:index], self.route(args[index]), *args[index + 1 :])
+    def input_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.router.current_labels is None:
+            return None
+        index = self.target.output_index
+        if isinstance(index, str):
+            if index not in kwargs:
+                raise ValueError(
+                    f"{self.where}: the module was called without keyword argument {index!r} "
+                    f"(keywords: {sorted(kwargs)})"
+                )
+            return args, {**kwargs, index: self.route(kwargs[index])}
+        position = 0 if index is None else index
+        if not -len(args) <= position < len(args):
+            raise ValueError(
+                f"{self.where}: the module was called with {len(args)} positional inputs, none at position "
+                f"{position}; route a keyword argument with output_index='name' (keywords: {sorted(kwargs)})"
+            )
+        routed = list(args)
+        routed[position] = self.route(args[position])
+        return tuple(routed), kwargs
+
+    def coverage_problem(self) -> str | None:
+        """Why this site routed nothing in the batches since attach, or ``None`` if it was called, routed and
+        reached by a gradient."""
+        if self.calls == 0:
+            return f"{self.where} was never called while routing (a container, or a module the step does not use)"
+        if self.routed == 0:
+            return (
+                f"{self.where} was called but its value never required grad (input data, frozen layers upstream, "
+                "or torch.no_grad)"
+            )
+        if self.backward == 0:
+            return f"{self.where} received no gradient in backward (its value does not reach the loss)"
+        return None
 
 
 class GradientRouter:
@@ -136,12 +296,20 @@ class GradientRouter:
 
     Args:
         targets: named :class:`Target` s, e.g. ``{"mlp": Target("transformer.h.*.mlp.act")}``.
-        routes: :class:`Route` s referring to those target names and to ``labels``.
+        routes: :class:`Route` s referring to those target names and to ``labels``; at most one per
+            (label, target).
         labels: the label names; integer labels in a batch index this list. Soft (float) labels need exactly
             two names and give the degree of membership in the second.
+        allow_noop: accept configurations that route nothing: an empty ``routes`` list, a target no route
+            uses, a route whose weights are all 1 (an unrouted control run with the same callback, a sweep that
+            includes weight 1). Off by default, because such a configuration is usually a mistake that no loss
+            curve shows.
+        telemetry: measure, in backward, the squared norm of the routed gradient reaching each unit group per
+            label (see :meth:`pop_grad_norms`).
 
     Raises:
-        ValueError: empty targets, duplicate label names, a route naming an unknown label or target.
+        ValueError: empty targets, duplicate label names, a route naming an unknown label or target, two
+            routes for the same label and target, and (without ``allow_noop``) route sets that route nothing.
     """
 
     def __init__(
@@ -149,6 +317,8 @@ class GradientRouter:
         targets: Mapping[str, Target],
         routes: Sequence[Route],
         labels: Sequence[str] = ("retain", "forget"),
+        allow_noop: bool = False,
+        telemetry: bool = False,
     ) -> None:
         if not targets:
             raise ValueError("GradientRouter: no targets given")
@@ -158,7 +328,8 @@ class GradientRouter:
         labels = list(labels)
         if not labels or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
             raise ValueError(f"GradientRouter: label names must be unique non-empty strings, got {labels!r}")
-        for route in routes:
+        seen: dict[tuple[str, str], int] = {}
+        for i, route in enumerate(routes):
             if not isinstance(route, Route):
                 raise ValueError(f"GradientRouter: routes must be Route objects, got {type(route).__name__}")
             if route.label not in labels:
@@ -167,10 +338,34 @@ class GradientRouter:
                 raise ValueError(
                     f"Route {route.label!r} -> {route.target!r}: unknown target; targets are {sorted(targets)}"
                 )
+            key = (route.label, route.target)
+            if key in seen:
+                raise ValueError(
+                    f"routes[{seen[key]}] and routes[{i}] both route label {route.label!r} at target {route.target!r}"
+                    "; merge their weights into one Route (a mapping of units to weights)"
+                )
+            seen[key] = i
+            if route.is_identity and not allow_noop:
+                raise ValueError(
+                    f"Route {route.label!r} -> {route.target!r}: every weight is 1, so it routes nothing; remove "
+                    "it (or pass allow_noop=True for a control run)"
+                )
+        if not allow_noop:
+            if not routes:
+                raise ValueError("GradientRouter: no routes, so nothing is routed (pass allow_noop=True for a control)")
+            unused = sorted(set(targets) - {r.target for r in routes})
+            if unused:
+                raise ValueError(
+                    f"GradientRouter: target {unused[0]!r} has no route, so it routes nothing; add a Route for it "
+                    "or remove it"
+                )
         self.targets = dict(targets)
         self.routes = list(routes)
         self.label_names = labels
+        self.allow_noop = allow_noop
+        self.telemetry = telemetry
         self.sites: list[RoutedSite] = []
+        self.coverage_checked = False
         self._handles: list[RemovableHandle] = []
         self._labels: Tensor | None = None
 
@@ -182,12 +377,16 @@ class GradientRouter:
     def attach(self, model: nn.Module, unit_groups: UnitGroups | None = None) -> GradientRouter:
         """Resolve every target on ``model`` and register its hooks.
 
-        Unit selections are checked now wherever the module type tells the feature size (Linear, Embedding,
-        LayerNorm, HF Conv1D), otherwise at the first routed forward.
+        Unit selections are checked now wherever the feature size is known (an expansion's unit groups, or a
+        Linear, Embedding, LayerNorm, convolution or HF Conv1D module), otherwise at the first routed forward.
 
         Args:
             model: the module whose ``named_modules()`` the target patterns match.
             unit_groups: ``{(module_name, site): {"expanded": [...], "original": [...]}}`` from an expansion.
+
+        Raises:
+            ValueError: a pattern matching nothing, a module and its descendant without ``nested``, a container
+                that is never called (``ModuleList``), units out of range or routing nothing.
         """
         if self.is_attached:
             raise RuntimeError("GradientRouter.attach: already attached; call detach() first")
@@ -196,20 +395,26 @@ class GradientRouter:
         for target_name, target in self.targets.items():
             routes = [r for r in self.routes if r.target == target_name]
             for module_name, module in resolve_modules(model, target, target_name):
+                if type(module).forward is nn.Module.forward:
+                    raise ValueError(
+                        f"target {target_name!r}: {module_name!r} is a {type(module).__name__}, a container that is "
+                        f"never called; target the modules inside it (e.g. '{module_name}.*')"
+                    )
                 site_groups = groups.get((module_name, target.site))
                 site = RoutedSite(self, target_name, target, module_name, routes, site_groups)
                 site.check_unit_groups()
-                size = feature_size_hint(module, target.site) if target.feature_dim == -1 else None
-                if size is not None:
-                    site.build_table(size)  # fail now, not at step 1, on out-of-range or undefined units
+                size = site.known_size or feature_size_hint(module, target.site, target.feature_dim)
+                if size is not None:  # fail now, not at step 1, on out-of-range units or routes routing nothing
+                    site.table(size, next(module.parameters(), torch.empty(0)).device)
                 sites.append((site, module))
         for site, module in sites:
             if site.target.site == "output":
                 handle = module.register_forward_hook(site.output_hook)
             else:
-                handle = module.register_forward_pre_hook(site.input_hook)
+                handle = module.register_forward_pre_hook(site.input_hook, with_kwargs=True)
             self._handles.append(handle)
         self.sites = [site for site, _ in sites]
+        self.coverage_checked = False
         return self
 
     def detach(self) -> None:
@@ -244,7 +449,11 @@ class GradientRouter:
 
     @contextlib.contextmanager
     def route(self, labels: Tensor) -> Iterator[Tensor]:
-        """Route every forward and backward inside the block with ``labels``; outside it, nothing is routed."""
+        """Route every forward and backward inside the block with ``labels``; outside it, nothing is routed.
+
+        Call ``backward()`` inside the block: on the first exit after :meth:`attach`, :meth:`check_coverage`
+        verifies that every site was called, routed and reached by a gradient.
+        """
         if not self.is_attached:
             raise RuntimeError("GradientRouter.route: attach the router to a model first")
         if self._labels is not None:
@@ -254,6 +463,53 @@ class GradientRouter:
             yield checked
         finally:
             self.clear_labels()
+        if not self.coverage_checked:
+            self.check_coverage()
+
+    # --------------------------------------------------------------- coverage
+    def check_coverage(self) -> None:
+        """Raise unless every site was called, routed and reached by a gradient since :meth:`attach`.
+
+        Raises:
+            ValueError: one line naming each site that routed nothing, and why.
+        """
+        problems = [p for p in (site.coverage_problem() for site in self.sites) if p]
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError(f"gradient routing routed nothing at: {'; '.join(problems[:3])}{more}")
+        self.coverage_checked = True
+
+    def pop_grad_norms(self) -> dict[tuple[str, str, str], Tensor]:
+        """Squared routed-gradient norms since the last call, per ``(target, label, unit group)``, summed over the
+        target's sites; resets them. Needs ``telemetry=True``. Every key is present (zero where no gradient came),
+        so ranks return the same keys; values stay on their device (no sync)."""
+        totals: dict[tuple[str, str, str], Tensor] = {}
+        for site in self.sites:
+            names = site.group_names()
+            grad_sq = site.grad_sq if site.grad_sq is not None else torch.zeros(len(self.label_names), len(names))
+            for column, group in enumerate(names):
+                for row, label in enumerate(self.label_names):
+                    key = (site.target_name, label, group)
+                    value = grad_sq[row, column]
+                    totals[key] = value if key not in totals else totals[key] + value.to(totals[key].device)
+            site.grad_sq = None
+        return totals
+
+    def config(self) -> dict[str, Any]:
+        """The routing configuration as plain data (JSON types): labels, targets and routes."""
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, Mapping):
+                return {str(k): plain(v) for k, v in value.items()}
+            if isinstance(value, (tuple, list)):
+                return [plain(v) for v in value]
+            return value
+
+        return {
+            "labels": list(self.label_names),
+            "targets": {name: plain(dataclasses.asdict(t)) for name, t in self.targets.items()},
+            "routes": [plain(dataclasses.asdict(r)) for r in self.routes],
+        }
 
     def describe(self) -> str:
         """One line per hooked site: which module, which units get which weight per label."""

@@ -1,14 +1,21 @@
 """Where to route: module-name patterns, hook sites and unit selections; what to route: per-label weights.
 
-A :class:`Target` names a set of modules (glob over ``named_modules()``, or a regex with the ``re:`` prefix,
-matched with ``fullmatch``), the hook site (``output`` or ``input``) and the feature dim. A :class:`Route` says:
-for data with this label, at this target, multiply the gradient of these units by these weights.
+A :class:`Target` names a set of modules (a dotted-path glob over ``named_modules()``, or a regex with the
+``re:`` prefix, matched with ``fullmatch``), the hook site (``output`` or ``input``) and the feature dim. A
+:class:`Route` says: for data with this label, at this target, multiply the gradient of these units by these
+weights.
+
+Module patterns have path semantics: a name is a list of dotted segments, ``*`` and ``?`` match within one
+segment, ``[0-4]`` is a character class, and a segment that is exactly ``**`` matches any number of whole
+segments (zero included). On an HF GPT-2, ``transformer.h.*`` is the blocks (``transformer.h.0``, ...) and
+nothing inside them; ``transformer.h.*.mlp`` is every block's MLP; ``transformer.**.act`` is every ``act``
+at any depth.
 
 Units are written as
 
 * ``"all"``: every feature;
 * a slice string ``"0:16"``, ``":8"``, ``"-64:"`` or a single index ``"3"``;
-* a comma list ``"0,3,5"`` or a list of ints ``[0, 3, 5]``;
+* a comma list ``"0,3,5"``, a list of ints ``[0, 3, 5]`` or a single int ``3``;
 * ``"expanded"`` / ``"original"``: symbolic groups filled in by the expansion step, so recipes never hard-code
   sizes.
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,9 +33,18 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-__all__ = ["Target", "Route", "Units", "UnitGroups", "resolve_modules", "unit_indices"]
+__all__ = [
+    "Route",
+    "Target",
+    "UnitGroups",
+    "Units",
+    "feature_size_hint",
+    "resolve_modules",
+    "unit_indices",
+    "units_label",
+]
 
-Units = Union[str, Sequence[int]]
+Units = Union[str, int, Sequence[int]]
 #: Symbolic unit groups per hook site: ``{(module_name, site): {"expanded": [...], "original": [...]}}``.
 UnitGroups = Mapping[tuple[str, str], Mapping[str, Sequence[int]]]
 SYMBOLIC_UNITS = ("expanded", "original")
@@ -35,15 +52,33 @@ _SLICE = re.compile(r"^\s*(-?\d*)\s*:\s*(-?\d*)\s*$")
 _INDEX_LIST = re.compile(r"^\s*-?\d+(\s*,\s*-?\d+)*\s*$")
 
 
-def _check_units(units: Units, where: str) -> None:
+def _check_units(units: object, where: str) -> None:
     if isinstance(units, str):
         if units == "all" or units in SYMBOLIC_UNITS or _SLICE.match(units) or _INDEX_LIST.match(units):
             return
         raise ValueError(
             f"{where}: units {units!r} are not 'all', 'expanded', 'original', a slice like '0:16' or a list like '0,3'"
         )
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in units):
-        raise ValueError(f"{where}: units {list(units)!r} must be integers")
+    if _is_int(units):
+        return
+    if not isinstance(units, Sequence) or not units or not all(_is_int(i) for i in units):
+        raise ValueError(
+            f"{where}: units {units!r} are not a unit selection: use 'all', 'expanded', 'original', a slice like "
+            "'0:16', an index like 3 or a list of ints like [0, 3]"
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def units_label(units: Units) -> str:
+    """A short name for a unit selection (``"original"``, ``"0:16"``, ``"3"``, ``"0,3"``), for messages and logs."""
+    if isinstance(units, str):
+        return units
+    if _is_int(units):
+        return str(units)
+    return ",".join(str(i) for i in units)  # type: ignore[union-attr]
 
 
 def unit_indices(
@@ -54,6 +89,8 @@ def unit_indices(
     Raises:
         ValueError: an index out of range, or a symbolic group that no expansion defined.
     """
+    if _is_int(units):
+        units = [units]  # type: ignore[list-item]
     if isinstance(units, str):
         if units == "all":
             return list(range(size))
@@ -76,7 +113,7 @@ def unit_indices(
         else:
             indices = [int(v) for v in units.split(",")]
     else:
-        indices = list(units)
+        indices = list(units)  # type: ignore[arg-type]
     bad = [i for i in indices if not -size <= i < size]
     if bad:
         raise ValueError(f"{where}: unit indices {bad} are out of range for {size} features")
@@ -88,23 +125,31 @@ class Target:
     """A set of hook sites addressed by module name.
 
     Args:
-        modules: a glob over ``model.named_modules()`` (``"transformer.h.[0-4].mlp.act"``) or, with the ``re:``
-            prefix, a regex matched with ``re.fullmatch`` (``"re:blocks\\.(0|1)\\.mlp"``). Names are those of
-            the module you train (the LightningModule in Lightning). A pattern that matches nothing is an error.
-        site: ``"output"`` routes the module's output (forward hook), ``"input"`` its positional input
-            (forward pre-hook).
-        output_index: for modules that return (or take) a tuple, which element to route (HF blocks return
-            ``(hidden_states, ...)``: use 0).
+        modules: a dotted-path glob over ``model.named_modules()`` or, with the ``re:`` prefix, a regex matched
+            with ``re.fullmatch`` (``"re:blocks\\.(0|1)\\.mlp"``). In a glob, ``*`` matches within one dotted
+            segment and a ``**`` segment spans any number of segments: ``"transformer.h.*"`` is the blocks of an
+            HF GPT-2 and nothing inside them, ``"transformer.h.[0-4].mlp.act"`` five activations,
+            ``"**.act"`` every ``act`` at any depth. Names are those of the module you train (the LightningModule
+            in Lightning). A pattern that matches nothing is an error listing the closest names.
+        site: ``"output"`` routes the module's output (forward hook), ``"input"`` its input (forward pre-hook).
+        output_index: which part of a structured value to route. For ``site="output"``: an int picks an element
+            of a tuple or list output, a str a key of a dict-like output (an HF ``ModelOutput``:
+            ``"last_hidden_state"``). For ``site="input"``: an int picks a positional argument (default 0), a str
+            a keyword argument. Leave it ``None`` for a module that returns a tensor; a structured output without
+            it, or an index on a tensor output, is an error at the first routed forward.
         feature_dim: the dim of the routed tensor that indexes features (units). The label dims (batch, and
             sequence for per-token labels) must lead.
         units: the features this target addresses; routes may narrow them further. Default ``"all"``.
+        nested: allow the pattern to match a module *and* one of its descendants (both are routed, so their
+            weights multiply along that path). Off by default: such a match is usually a too-wide pattern.
     """
 
     modules: str
     site: Literal["output", "input"] = "output"
-    output_index: int | None = None
+    output_index: int | str | None = None
     feature_dim: int = -1
     units: Units = "all"
+    nested: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.modules, str) or not self.modules:
@@ -114,16 +159,41 @@ class Target:
                 re.compile(self.modules[3:])
             except re.error as err:
                 raise ValueError(f"Target.modules regex {self.modules!r} does not compile: {err}") from None
+        else:
+            bad = [seg for seg in self.modules.split(".") if "**" in seg and seg != "**" or not seg]
+            if bad:
+                raise ValueError(
+                    f"Target.modules glob {self.modules!r}: segment {bad[0]!r} is not allowed ('**' must be a whole "
+                    "segment, and segments are non-empty)"
+                )
         if self.site not in ("output", "input"):
             raise ValueError(f"Target {self.modules!r}: site must be 'output' or 'input', got {self.site!r}")
+        if self.output_index is not None and not (_is_int(self.output_index) or isinstance(self.output_index, str)):
+            raise ValueError(
+                f"Target {self.modules!r}: output_index must be an int, a str key or None, got {self.output_index!r}"
+            )
+        if not _is_int(self.feature_dim):
+            raise ValueError(f"Target {self.modules!r}: feature_dim must be an int, got {self.feature_dim!r}")
         _check_units(self.units, f"Target {self.modules!r}")
-        if not isinstance(self.units, str):
-            object.__setattr__(self, "units", tuple(self.units))
+        if not isinstance(self.units, str) and not _is_int(self.units):
+            object.__setattr__(self, "units", tuple(self.units))  # type: ignore[arg-type]
 
     def matches(self, name: str) -> bool:
+        """Whether the module called ``name`` is one of this target's (see ``modules`` for the syntax)."""
         if self.modules.startswith("re:"):
             return re.fullmatch(self.modules[3:], name) is not None
-        return fnmatch.fnmatchcase(name, self.modules)
+        return _glob_match(tuple(self.modules.split(".")), tuple(name.split(".")))
+
+
+@functools.lru_cache(maxsize=4096)
+def _glob_match(pattern: tuple[str, ...], name: tuple[str, ...]) -> bool:
+    """Segment-wise glob: ``**`` spans any number of whole segments, anything else matches one segment."""
+    if not pattern:
+        return not name
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        return any(_glob_match(rest, name[i:]) for i in range(len(name) + 1))
+    return bool(name) and fnmatch.fnmatchcase(name[0], head) and _glob_match(rest, name[1:])
 
 
 @dataclass(frozen=True)
@@ -134,8 +204,10 @@ class Route:
         label: one of the label names declared on the router / callback.
         target: a key of the router's ``targets`` mapping.
         weights: a single weight for all of the target's units, or a mapping from a unit selection
-            (``"expanded"``, ``"original"``, ``"0:16"``, ``"all"``...) to a weight. Later entries win where
-            selections overlap. Units not named keep weight 1; labels with no route keep weight 1 everywhere.
+            (``"expanded"``, ``"original"``, ``"0:16"``, ``"all"``, an int index...) to a weight. Later entries win
+            where selections overlap; an entry that later ones override entirely, or that selects none of the
+            target's units, is an error at ``attach`` (it would route nothing). Units not named keep weight 1;
+            labels with no route keep weight 1 everywhere.
 
     Example: the paper's ERA route for forget tokens::
 
@@ -163,6 +235,11 @@ class Route:
             return [(u, float(w)) for u, w in self.weights.items()]
         return [(None, float(self.weights))]
 
+    @property
+    def is_identity(self) -> bool:
+        """Every weight is 1: the route leaves every gradient as it is."""
+        return all(w == 1.0 for _, w in self.unit_weights())
+
 
 def _check_weight(w: object, route: Route) -> None:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or w in (float("inf"), float("-inf")):
@@ -173,8 +250,10 @@ def resolve_modules(model: nn.Module, target: Target, target_name: str = "") -> 
     """Return the ``(name, module)`` pairs of ``model`` that ``target`` matches, in model order.
 
     Raises:
-        ValueError: nothing matched; the message lists the closest module names.
+        ValueError: nothing matched (the message lists the closest module names), or the pattern matched a module
+            and one of its descendants without ``nested=True``.
     """
+    label = target_name or target.modules
     named = [(n, m) for n, m in model.named_modules() if n]
     hits = [(n, m) for n, m in named if target.matches(n)]
     if not hits:
@@ -182,14 +261,28 @@ def resolve_modules(model: nn.Module, target: Target, target_name: str = "") -> 
         probe = target.modules[3:] if target.modules.startswith("re:") else target.modules
         close = difflib.get_close_matches(probe, names, n=5, cutoff=0.3) or names[:5]
         raise ValueError(
-            f"target {target_name or target.modules!r}: pattern {target.modules!r} matches no module of "
+            f"target {label!r}: pattern {target.modules!r} matches no module of "
             f"{type(model).__name__}; closest names: {', '.join(close)}"
         )
+    if not target.nested:
+        names = [n for n, _ in hits]
+        for outer in names:
+            inner = [n for n in names if n.startswith(f"{outer}.")]
+            if inner:
+                shown = ", ".join(inner[:3]) + (f" (+{len(inner) - 3} more)" if len(inner) > 3 else "")
+                raise ValueError(
+                    f"target {label!r}: pattern {target.modules!r} matches {outer!r} and its descendants {shown}; "
+                    "narrow the pattern, or set nested=True to route both"
+                )
     return hits
 
 
-def feature_size_hint(module: nn.Module, site: str) -> int | None:
+def feature_size_hint(module: nn.Module, site: str, feature_dim: int = -1) -> int | None:
     """The feature size at a site when the module type tells it (so unit ranges are checked before training)."""
+    if feature_dim == 1 and isinstance(module, nn.modules.conv._ConvNd):
+        return module.out_channels if site == "output" else module.in_channels
+    if feature_dim != -1:
+        return None
     if isinstance(module, nn.Linear):
         return module.out_features if site == "output" else module.in_features
     if isinstance(module, nn.Embedding) and site == "output":
@@ -201,4 +294,3 @@ def feature_size_hint(module: nn.Module, site: str) -> int | None:
         w: torch.Tensor = module.weight  # type: ignore[assignment]
         return w.shape[1] if site == "output" else w.shape[0]
     return None
-

@@ -25,6 +25,7 @@ def routing() -> GradientRoutingCallback:
     return GradientRoutingCallback(
         targets={"code": Target("encoder")},
         routes=[Route(label="forget", target="code", weights={"0:8": 0.0, "8:12": -0.75})],
+        log_grad_norms=True,
     )
 
 
@@ -91,3 +92,10 @@ def test_ranks_stay_identical_without_hang_and_equal_one_process_on_the_global_b
     for key in ("train/loss_retain", "train/loss_forget"):
         assert torch.isfinite(ddp_logged[key])
         torch.testing.assert_close(ddp_logged[key], single_logged[key], rtol=1e-5, atol=1e-6)
+    # Gradient telemetry of the last batch: summed over ranks and averaged like DDP's gradients, it equals one
+    # process's; the forget tokens send nothing into the blocked units.
+    norms = {k: v for k, v in ddp_logged.items() if k.startswith("gradroute/grad_norm/code/")}
+    assert len(norms) == 6 and norms["gradroute/grad_norm/code/forget/0:8"] == 0
+    assert norms["gradroute/grad_norm/code/forget/8:12"] > 0 and norms["gradroute/grad_norm/code/retain/all"] > 0
+    for key, value in norms.items():
+        torch.testing.assert_close(value, single_logged[key], rtol=1e-5, atol=1e-9)

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, load_model
 from lightning_gradroute import (
     Expansion,
     GradientRoutingCallback,
+    Phase,
     Route,
     Target,
     expand,
@@ -31,7 +32,8 @@ from lightning_gradroute import (
 from lightning_gradroute.cli import main
 
 ADD = 4
-C_FC = "model.transformer.h.1.mlp.c_fc.weight"
+C_FC = "model.transformer.h.1.mlp.c_fc.weight"  # the original neurons' input weights, never resized
+C_FC_NEW = "model.transformer.h.1.mlp.c_fc.new_units.weight"  # the new neurons' input weights
 
 
 def era(
@@ -107,26 +109,22 @@ def test_routed_gradients_are_exact_and_original_neurons_learn_nothing_from_forg
     losses = reference.item_losses(batch)
     retain_only = (losses * (~forget[..., 0])).sum() / losses.numel()
     (g,) = torch.autograd.grad(retain_only, reference.get_parameter(C_FC))
-    torch.testing.assert_close(grads.grads[0][C_FC][:NEURONS], g[:NEURONS], rtol=1e-5, atol=1e-7)
-    # ... and nothing from an all-forget batch (plain SGD: the rows stay bit-identical), unlike the new neurons.
-    assert torch.count_nonzero(grads.grads[1][C_FC][:NEURONS]) == 0
-    assert torch.equal(snaps.final[C_FC][:NEURONS], snaps.before_batch[1][C_FC][:NEURONS])
-    assert torch.count_nonzero(grads.grads[1][C_FC][NEURONS:]) > 0
+    torch.testing.assert_close(grads.grads[0][C_FC], g, rtol=1e-5, atol=1e-7)
+    # ... and nothing from an all-forget batch (plain SGD: the weights stay bit-identical), unlike the new neurons.
+    assert torch.count_nonzero(grads.grads[1][C_FC]) == 0
+    assert torch.equal(snaps.final[C_FC], snaps.before_batch[1][C_FC])
+    assert torch.count_nonzero(grads.grads[1][C_FC_NEW]) > 0
 
 
 def test_fit_contracts_and_saves_weights_loadable_with_the_original_config(tmp_path: Path) -> None:
     module, snaps, routing = NeoLM(), Snapshots(), era(save_ablated=True)
     fit(module, [routing, snaps], mixed_data(), tmp_path, max_steps=2)
-    mlp = module.model.transformer.h[0].mlp
-    assert (mlp.c_fc.out_features, mlp.c_proj.in_features) == (NEURONS, NEURONS)
-    assert expansion_record(module) is None and routing.phase == "contracted"
-    for name, value in module.state_dict().items():  # contraction keeps the trained original entries
-        if value.shape != snaps.final[name].shape:
-            dim = next(d for d in range(value.dim()) if value.shape[d] != snaps.final[name].shape[d])
-            assert torch.equal(value, snaps.final[name].narrow(dim, 0, NEURONS)), name
-        else:
-            assert torch.equal(value, snaps.final[name]), name
-    assert snaps.final[C_FC].shape[0] == NEURONS + ADD
+    assert not any(hasattr(m, "new_units") for m in module.modules())
+    assert expansion_record(module) is None and routing.phase is Phase.CONTRACTED
+    assert set(snaps.final) - set(module.state_dict()) == {k for k in snaps.final if ".new_units." in k}
+    for name, value in module.state_dict().items():  # contraction keeps the trained original parameters
+        assert torch.equal(value, snaps.final[name]), name
+    assert snaps.final[C_FC_NEW].shape == (ADD, 16)
 
     saved = NeoLM(seed=1)
     load_model(saved, str(tmp_path / "ablated" / "model.safetensors"))
@@ -142,15 +140,15 @@ def test_fit_contracts_and_saves_weights_loadable_with_the_original_config(tmp_p
 def test_zero_and_no_ablation_keep_the_expanded_shapes(tmp_path: Path, ablate: str | None) -> None:
     module, snaps, routing = NeoLM(), Snapshots(), era(ablate=ablate, save_ablated=True)
     fit(module, [routing, snaps], mixed_data(), tmp_path, max_steps=1)
-    weight = module.get_parameter(C_FC)
-    assert weight.shape[0] == NEURONS + ADD and expansion_record(module) is not None
-    assert torch.equal(weight[:NEURONS], snaps.final[C_FC][:NEURONS])
+    new = module.get_parameter(C_FC_NEW)
+    assert new.shape == (ADD, 16) and expansion_record(module) is not None
+    assert torch.equal(module.get_parameter(C_FC), snaps.final[C_FC])
     if ablate == "zero":
-        assert routing.phase == "zeroed" and torch.count_nonzero(weight[NEURONS:]) == 0
+        assert routing.phase is Phase.ZEROED and torch.count_nonzero(new) == 0
         assert (tmp_path / "ablated" / "model.safetensors").exists()
-        assert not (tmp_path / "ablated" / "hf").exists()  # shapes do not fit the original config
+        assert not (tmp_path / "ablated" / "hf").exists()  # new units do not fit the original config
     else:
-        assert routing.phase == "expanded" and torch.equal(weight, snaps.final[C_FC])
+        assert routing.phase is Phase.EXPANDED and torch.equal(new, snaps.final[C_FC_NEW])
         assert not (tmp_path / "ablated").exists()
 
 
@@ -164,7 +162,7 @@ def test_resume_mid_era_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     fit(NeoLM(), [era(), checkpoint], data, tmp_path / "b", max_epochs=1, enable_checkpointing=True)
     (ckpt,) = ckpt_dir.glob("*.ckpt")
     saved = torch.load(ckpt, weights_only=False)
-    assert saved["gradroute"]["phase"] == "expanded" and saved["state_dict"][C_FC].shape[0] == NEURONS + ADD
+    assert saved["gradroute"]["phase"] == "expanded" and saved["state_dict"][C_FC_NEW].shape == (ADD, 16)
 
     resumed, resumed_cb = NeoLM(seed=7), era()  # other initial weights: everything must come from the checkpoint
     fit(resumed, [resumed_cb], data, tmp_path / "c", max_epochs=2, ckpt_path=ckpt)
@@ -183,7 +181,7 @@ def test_mixin_expansion_from_hparams_and_load_of_a_contracted_checkpoint(tmp_pa
     module = NeoLM(expansions=[spec.to_dict()])
     routing = era(expansions=[])  # the module expands itself in configure_model; routes still see the groups
     trainer = fit(module, [routing], mixed_data(), tmp_path, max_steps=1)
-    assert routing.phase == "contracted" and module.get_parameter(C_FC).shape[0] == NEURONS
+    assert routing.phase is Phase.CONTRACTED and not hasattr(module.model.transformer.h[1].mlp.c_fc, "new_units")
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     loaded = NeoLM.load_from_checkpoint(tmp_path / "after.ckpt")  # configure_model expands, the ckpt contracts
     assert expansion_record(loaded) is None
@@ -204,11 +202,11 @@ def test_resuming_with_another_expansion_is_a_clear_error(tmp_path: Path) -> Non
                        r".\*.mlp \+4 \(gpt_neo_mlp\)\], this run has \[model.transformer.h.\*.mlp \+6"):
         fit(NeoLM(), [era(add=6)], mixed_data(), tmp_path, max_epochs=2, ckpt_path=ckpt)
 
-    class PlainNeo(NeoLM):  # without the mixin's on_load_checkpoint, the load-state-dict check catches it
+    class PlainNeo(NeoLM):  # without the mixin's on_load_checkpoint, loading the state dict catches it
         def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
             pass
 
-    with pytest.raises(ValueError, match=r"has shape \(4, 16\)|has shape \(36, 16\)"):
+    with pytest.raises(RuntimeError, match=r"size mismatch for model.transformer.h.0.mlp.c_fc.new_units.weight"):
         fit(PlainNeo(), [era(add=6)], mixed_data(), tmp_path, max_epochs=2, ckpt_path=ckpt)
     per_layer = [Expansion(f"model.transformer.h.{i}.mlp", preset="gpt_neo_mlp", add=ADD) for i in (0, 1)]
     with pytest.raises(ValueError, match=r"GradientRoutingCallback: the checkpoint was trained with expansions "
@@ -229,7 +227,6 @@ def test_constructor_rejects_bad_ablate_and_expansions() -> None:
         era(expansions=["transformer.h.*.mlp"])  # type: ignore[list-item]
 
 
-
 def test_gradroute_ablate_command_contracts_a_saved_checkpoint(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
     fit(NeoLM(), [era(), checkpoint], mixed_data(), tmp_path, max_epochs=1, enable_checkpointing=True)
@@ -238,8 +235,8 @@ def test_gradroute_ablate_command_contracts_a_saved_checkpoint(tmp_path: Path) -
 
     main(["ablate", "--checkpoint", str(ckpt), "--output", str(tmp_path / "ablated.ckpt")])
     loaded = NeoLM.load_from_checkpoint(tmp_path / "ablated.ckpt")
-    assert expansion_record(loaded) is None and loaded.get_parameter(C_FC).shape[0] == NEURONS
-    assert torch.equal(loaded.get_parameter(C_FC), expanded[C_FC][:NEURONS])
+    assert expansion_record(loaded) is None and not any(hasattr(m, "new_units") for m in loaded.modules())
+    assert torch.equal(loaded.get_parameter(C_FC), expanded[C_FC]) and C_FC_NEW in expanded
     main(["ablate", "--checkpoint", str(ckpt), "--output", str(tmp_path / "w.safetensors")])
     weights_only = NeoLM(seed=3)
     weights_only.load_state_dict(load_file(tmp_path / "w.safetensors"))

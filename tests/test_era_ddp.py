@@ -14,15 +14,14 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from era_models import NEURONS, NeoLM, token_batch
+from era_models import HIDDEN, NeoLM, token_batch
 from helpers import RoutedDataModule, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 
-from lightning_gradroute import Expansion, GradientRoutingCallback, Route, Target, expand
-from lightning_gradroute.expansion import ablate_state_dict
+from lightning_gradroute import Expansion, GradientRoutingCallback, Route, Target, ablate_state_dict, expand
 
 SPEC = Expansion("model.transformer.h.*.mlp", preset="gpt_neo_mlp", add=4)
-C_FC = "model.transformer.h.0.mlp.c_fc.weight"
+C_FC_NEW = "model.transformer.h.0.mlp.c_fc.new_units.weight"
 
 
 class RankDump(Callback):
@@ -64,14 +63,14 @@ def test_ddp_spawn_expands_before_wrapping_keeps_ranks_identical_and_recovers_co
     for dump in ranks:
         assert dump["wrapped"] == "DistributedDataParallel"
         assert dump["optimizer_numel"] == dump["module_numel"]  # every new parameter is optimised
-        assert dump["start"][C_FC].shape[0] == NEURONS + SPEC.add
-        assert not torch.equal(dump["end"][C_FC][NEURONS:], dump["start"][C_FC][NEURONS:])  # new units trained
+        assert dump["start"][C_FC_NEW].shape == (SPEC.add, HIDDEN)
+        assert not torch.equal(dump["end"][C_FC_NEW], dump["start"][C_FC_NEW])  # new units trained
     for name, value in ranks[0]["end"].items():
         assert torch.equal(ranks[1]["end"][name], value), name  # all-reduced, including the new parameters
 
     # The main process never ran setup: its model is unexpanded and now holds rank 0's contracted weights.
     record = expand(NeoLM(), [SPEC])
     expected = ablate_state_dict(ranks[0]["end"], record)
-    assert module.get_parameter(C_FC).shape[0] == NEURONS
+    assert module.state_dict().keys() == expected.keys()
     for name, value in module.state_dict().items():
         assert torch.equal(value, expected[name]), name

@@ -13,12 +13,12 @@ from helpers import GradCapture, RoutedDataModule, TokenModel, fresh_copy, hand_
 from tokenizers import Tokenizer
 
 from lightning_gradroute import GradientRoutingCallback, Route, Target
-from lightning_gradroute.labels import (
+from lightning_gradroute.labels import partial_oversight
+from lightning_gradroute.text_labels import (
     FrequencyWeightedLabels,
     TokenSetLabels,
     keyword_documents,
     keyword_regex,
-    partial_oversight,
     token_frequency_weights,
 )
 

@@ -135,7 +135,9 @@ def test_forward_is_bit_identical_and_no_routing_outside_the_context() -> None:
     router = GradientRouter({"hidden": Target("block.proj")}, [Route("forget", "hidden", -0.75)])
     with router.attached(model):
         with router.route(torch.tensor([1, 1, 0, 1])):
-            assert torch.equal(model(x), plain)
+            routed = model(x)
+            assert torch.equal(routed, plain)
+            routed.sum().backward()
         model.zero_grad()
         model(x).sum().backward()  # attached but outside route(): unrouted
         routed_off = model.block.proj.weight.grad.clone()
@@ -147,20 +149,20 @@ def test_forward_is_bit_identical_and_no_routing_outside_the_context() -> None:
 
 def test_glob_matches_layers_and_units_resolve() -> None:
     model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 8), nn.ReLU()) for _ in range(6)])
-    router = GradientRouter({"mlp": Target("[0-4].1")}, [Route("forget", "mlp", {"expanded": 1.0})])
+    router = GradientRouter({"mlp": Target("[0-4].1")}, [Route("forget", "mlp", {"expanded": 0.0})])
     groups = {(f"{i}.1", "output"): {"expanded": [6, 7], "original": list(range(6))} for i in range(6)}
     router.attach(model, groups)
     assert [s.module_name for s in router.sites] == ["0.1", "1.1", "2.1", "3.1", "4.1"]
     assert unit_indices("-2:", 8) == [6, 7]
     assert unit_indices([0, -1], 8) == [0, 7]
     assert unit_indices("1,3", 8) == [1, 3]
-    assert router.sites[0].build_table(8)[1].tolist() == [1.0] * 8  # "expanded" routed to weight 1.0
+    assert router.sites[0].build_table(8)[1].tolist() == [1.0] * 6 + [0.0] * 2  # "expanded" routed to weight 0
     router.detach()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_pattern_matching_nothing_lists_close_names() -> None:
-    router = GradientRouter({"mlp": Target("blok.proj")}, [])
+    router = GradientRouter({"mlp": Target("blok.proj")}, [Route("forget", "mlp", 0.0)])
     with pytest.raises(
         ValueError, match=r"target 'mlp': pattern 'blok.proj' matches no module of Net; closest names: block.proj"
     ):
@@ -195,7 +197,7 @@ def test_units_out_of_range_fail_at_attach() -> None:
 
 
 def test_expanded_units_without_expansion_fail_at_attach() -> None:
-    router = GradientRouter({"h": Target("block.proj")}, [Route("forget", "h", {"expanded": 1.0})])
+    router = GradientRouter({"h": Target("block.proj")}, [Route("forget", "h", {"expanded": 0.0})])
     with pytest.raises(ValueError, match=r"units 'expanded' need an expansion of this module"):
         router.attach(Net())
 
@@ -217,7 +219,7 @@ def test_bad_labels(labels: Tensor, message: str) -> None:
 
 
 def test_soft_labels_need_two_label_names() -> None:
-    router = GradientRouter({"h": Target("block.proj")}, [], labels=("a", "b", "c"))
+    router = GradientRouter({"h": Target("block.proj")}, [Route("b", "h", 0.0)], labels=("a", "b", "c"))
     with router.attached(Net()), pytest.raises(ValueError, match=r"interpolate between two labels; this router has 3"):
         router.set_labels(torch.tensor([0.5]))
 
@@ -225,25 +227,25 @@ def test_soft_labels_need_two_label_names() -> None:
 def test_label_shape_mismatch_names_target_and_shapes() -> None:
     router = GradientRouter({"h": Target("block.proj")}, [Route("forget", "h", 0.0)])
     model = Net()
-    with router.attached(model), router.route(torch.tensor([0, 1, 1])):
-        with pytest.raises(
-            ValueError,
-            match=r"target 'h' \(module 'block.proj', output\): labels of shape \(3,\) do not match the activation "
-            r"of shape \(4, 6\)",
-        ):
-            model(torch.randn(4, 5, requires_grad=True))
+    with router.attached(model), pytest.raises(
+        ValueError,
+        match=r"target 'h' \(module 'block.proj', output\): labels of shape \(3,\) do not match the activation "
+        r"of shape \(4, 6\)",
+    ), router.route(torch.tensor([0, 1, 1])):
+        model(torch.randn(4, 5, requires_grad=True))
 
 
 def test_tuple_output_without_index_is_an_error() -> None:
     router = GradientRouter({"h": Target("block")}, [Route("forget", "h", 0.0)])
     model = Net()
-    with router.attached(model), router.route(torch.tensor([0, 1])):
-        with pytest.raises(ValueError, match=r"output is a tuple of 2; set output_index on the Target"):
-            model(torch.randn(2, 5))
+    with router.attached(model), pytest.raises(
+        ValueError, match=r"output is a tuple of 2; set output_index to the position to route \(got None\)"
+    ), router.route(torch.tensor([0, 1])):
+        model(torch.randn(2, 5))
 
 
 def test_nested_route_is_refused() -> None:
     router = GradientRouter({"h": Target("block.proj")}, [Route("forget", "h", 0.0)])
-    with router.attached(Net()), router.route(torch.tensor([0])):
-        with pytest.raises(RuntimeError, match="nested route"), router.route(torch.tensor([1])):
+    with router.attached(Net()), pytest.raises(RuntimeError, match="nested route"):
+        with router.route(torch.tensor([0])), router.route(torch.tensor([1])):
             pass

@@ -30,7 +30,7 @@ from lightning_gradroute.experiments.tinystories.evaluate import (
 )
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM, next_token_losses
 from lightning_gradroute.experiments.tinystories.rmu import RMU
-from lightning_gradroute.labels import keyword_regex
+from lightning_gradroute.text_labels import keyword_regex
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "tinystories" / "tinystories_valid_sample.txt"

@@ -24,7 +24,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, StackDataset
 from typing_extensions import override
 
-__all__ = ["MNIST_FILES", "MNIST_MIRRORS", "MNISTDataModule", "digit_groups", "load_mnist", "read_idx", "sha256_of"]
+__all__ = [
+    "MNIST_FILES",
+    "MNIST_MIRRORS",
+    "MNISTDataModule",
+    "digit_groups",
+    "download_mnist",
+    "load_mnist",
+    "missing_files",
+    "read_idx",
+    "sha256_of",
+]
 
 #: The original files and their sha256 sums (the same as in ``data/mnist/README.md``).
 MNIST_FILES: Mapping[str, str] = {

@@ -9,7 +9,7 @@ mentions one of ``forget_words`` as a whole word, in any case.
 Routing labels ride in every training batch as ``batch["route_labels"]``:
 
 * ``labels="frequency"`` (ERA): per-token soft labels keyed by the next token,
-  :class:`~lightning_gradroute.labels.FrequencyWeightedLabels` over the paper's token-frequency weights. The
+  :class:`~lightning_gradroute.text_labels.FrequencyWeightedLabels` over the paper's token-frequency weights. The
   weights are computed from ground-truth retain and forget training stories (as the paper does, even under
   partial oversight).
 * ``labels="document"`` (DEMix): one integer per story, 1 for labelled forget stories.
@@ -40,12 +40,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_gradroute.labels import (
-    FrequencyWeightedLabels,
-    keyword_documents,
-    partial_oversight,
-    token_frequency_weights,
-)
+from lightning_gradroute.labels import partial_oversight
+from lightning_gradroute.text_labels import FrequencyWeightedLabels, keyword_documents, token_frequency_weights
 
 __all__ = ["EOS_TEXT", "PAPER_FORGET_WORDS", "StorySplits", "TinyStoriesDataModule", "load_tokenizer", "read_stories"]
 

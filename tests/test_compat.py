@@ -1,0 +1,58 @@
+"""The Lightning internals the library reads (``lightning_gradroute._compat``) still mean what they did, and the
+core imports without the experiments' dependencies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_gradroute._compat import launched_by_multiprocessing
+
+
+@pytest.mark.parametrize(
+    ("strategy", "devices", "expected"),
+    [("ddp_spawn", 2, True), ("ddp_fork", 2, True), ("ddp", 2, False), ("auto", 1, False)],
+)
+def test_launched_by_multiprocessing(tmp_path: Any, strategy: str, devices: int, expected: bool) -> None:
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, default_root_dir=tmp_path, logger=False)
+    assert launched_by_multiprocessing(trainer) is expected
+
+
+EXTRAS = ("matplotlib", "mpl_toolkits", "tensorboard", "transformers", "tokenizers", "datasets")
+
+
+def test_the_core_needs_no_experiment_dependencies(tmp_path: Path) -> None:
+    """``pip install lightning-gradroute`` is lean: plotting, TensorBoard and HF libraries are extras. A Python
+    without ``site`` sees a copy of site-packages (symlinks) lacking them, and the core still works."""
+    view = tmp_path / "site-packages"
+    view.mkdir()
+    for entry in Path(sysconfig.get_paths()["purelib"]).iterdir():
+        if entry.name.split("-")[0].split(".")[0].lower() not in EXTRAS:
+            (view / entry.name).symlink_to(entry)
+    code = (
+        "import importlib.util, torch, lightning_gradroute as gr\n"
+        "assert importlib.util.find_spec('matplotlib') is None and importlib.util.find_spec('transformers') is None\n"
+        "from lightning_gradroute import cli, evaluation, text_labels\n"
+        "mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))\n"
+        "model = torch.nn.Sequential(mlp)\n"
+        "gr.expand(model, [gr.Expansion('0', preset='linear_pair', add=2, up=('0',), down=('2',))])\n"
+        "router = gr.GradientRouter({'h': gr.Target('0.0')}, [gr.Route('forget', 'h', {'expanded': 0.0})])\n"
+        "with router.attached(model, gr.expansion_record(model).unit_groups), router.route(torch.tensor([1])):\n"
+        "    model(torch.randn(1, 3)).sum().backward()\n"
+        "gr.save_ablated(gr.contract(model), sys.argv[1])\n"
+        "print('ok')\n"
+    )
+    project = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{view}{os.pathsep}{project}"}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", "import sys\n" + code, str(tmp_path / "ablated")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
