@@ -580,6 +580,17 @@ def markdown(results: Results) -> str:
     return "\n".join(lines)
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model and batch options (shared with ``expansion_overhead.py``)."""
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--forget-fraction", type=float, default=0.25)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -588,13 +599,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1, help="timed steps per variant per repeat (averaged)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before measuring")
     p.add_argument("--memory-repeats", type=int, default=3, help="profiled steps per variant for CPU peak memory")
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--forget-fraction", type=float, default=0.25)
+    add_model_arguments(p)
     p.add_argument("--expanded", type=int, default=64, help="the last N hidden units play the 'expanded' units")
     p.add_argument("--original-weight", type=float, default=-0.75)
     p.add_argument("--seed", type=int, default=0)
