@@ -4,8 +4,9 @@ Gradient routing (Cloud et al. 2024, arXiv 2410.04332) leaves the forward pass u
 gradient flowing back through chosen activations by a data-dependent weight, so that chosen data only trains
 chosen parts of the network.
 
-The top level holds the library's own concepts: where and what to route (:class:`Target`, :class:`Route`), the
-Lightning callback and mixin, the framework-free router and primitive, label sources, and the
+The top level holds the library's own concepts: where and what to route (:class:`Target` for activations,
+:class:`ParameterTarget` for parameters, :class:`Route`), the Lightning callback and mixin, the framework-free
+router and primitive, the optimizers that keep routed parameters' state clean, label sources, and the
 Expand-Route-Ablate lifecycle. Text label builders are in :mod:`lightning_gradroute.text_labels`, evaluation in
 :mod:`lightning_gradroute.evaluation`, the paper's experiments in :mod:`lightning_gradroute.experiments`.
 """
@@ -25,8 +26,9 @@ from lightning_gradroute.expansion import Expansion, expand
 from lightning_gradroute.grad import route_gradient, route_gradient_by_label
 from lightning_gradroute.labels import BatchKey, LabelSource
 from lightning_gradroute.mixin import GradientRoutingMixin
+from lightning_gradroute.optim import RoutedAdamW, RoutedSGD
 from lightning_gradroute.router import GradientRouter
-from lightning_gradroute.targets import Route, Target
+from lightning_gradroute.targets import ParameterTarget, Route, Target
 
 __all__ = [
     "BatchKey",
@@ -36,8 +38,11 @@ __all__ = [
     "GradientRoutingCallback",
     "GradientRoutingMixin",
     "LabelSource",
+    "ParameterTarget",
     "Phase",
     "Route",
+    "RoutedAdamW",
+    "RoutedSGD",
     "Target",
     "ablate_state_dict",
     "contract",

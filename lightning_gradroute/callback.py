@@ -232,7 +232,7 @@ class GradientRoutingCallback(Callback):
             # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
             root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir
             self.ablated_dir = Path(root or trainer.default_root_dir) / "ablated"
-        self.router.attach(pl_module, record.unit_groups if record is not None else {})
+        self.router.attach(pl_module, record)
         rank_zero_info(f"gradient routing on {len(self.router.sites)} sites:\n{self.router.describe()}")
 
     @override

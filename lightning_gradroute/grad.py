@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BackwardObserver", "label_mask", "route_gradient", "route_gradient_by_label"]
+__all__ = ["BackwardObserver", "label_mask", "route_gradient", "route_gradient_by_label", "table_rows"]
 
 
 class _RouteGradient(torch.autograd.Function):
@@ -84,6 +84,15 @@ def label_mask(labels: Tensor, table: Tensor, feature_dim: int, ndim: int) -> Te
     return mask.reshape(*labels.shape, *([1] * (feature_dim - k)), table.shape[1], *([1] * trailing))
 
 
+def table_rows(table: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """The weight table in the precision to build a mask of ``dtype`` from: hard labels gather rows, which
+    commutes with the cast, so the small table is cast first; soft labels interpolate in fp32 (the table's) or
+    wider (float64 gradients), and the result is cast once."""
+    if labels.is_floating_point():
+        return table.to(torch.promote_types(table.dtype, dtype))
+    return table.to(dtype)
+
+
 #: Called in backward with the routed gradient and the labels (coverage counters, gradient telemetry).
 BackwardObserver = Callable[[Tensor, Tensor], None]
 
@@ -101,10 +110,7 @@ class _RouteGradientByLabel(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         labels, table = ctx.saved_tensors
-        # Hard labels gather rows, which commutes with the cast, so cast the small table first. Soft labels
-        # interpolate in the table's precision (fp32) and cast the result once.
-        rows = table if labels.is_floating_point() else table.to(grad.dtype)
-        mask = label_mask(labels, rows, ctx.feature_dim, grad.dim())
+        mask = label_mask(labels, table_rows(table, labels, grad.dtype), ctx.feature_dim, grad.dim())
         routed = grad * mask.to(grad.dtype)
         if ctx.on_backward is not None:
             ctx.on_backward(routed, labels)

@@ -35,15 +35,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradroute.era import ExpansionRecord
 from lightning_gradroute.grad import route_gradient_by_label
 from lightning_gradroute.labels import check_labels, label_membership
+from lightning_gradroute.param_routing import ParameterRoutingMode, RoutedParameter, resolve_routed_parameters
 from lightning_gradroute.targets import (
     SYMBOLIC_UNITS,
+    ParameterTarget,
     Route,
     Target,
     UnitGroups,
     feature_size_hint,
+    raise_route_problems,
     resolve_modules,
+    route_table,
     unit_indices,
     units_label,
 )
@@ -97,37 +102,10 @@ class RoutedSite:
             ValueError: a route entry that selects none of the target's units or that later entries override
                 entirely, or (unless the router allows it) a route whose row comes out all ones.
         """
-        labels = self.router.label_names
-        table = torch.ones(len(labels), size)
-        target_units = set(unit_indices(self.target.units, size, self.unit_groups, self.where))
-        for route in self.routes:
-            row = labels.index(route.label)
-            owner: dict[int, int] = {}
-            entries = route.unit_weights()
-            for k, (units, weight) in enumerate(entries):
-                selected = target_units
-                if units is not None:
-                    selected = target_units.intersection(unit_indices(units, size, self.unit_groups, self.where))
-                if not selected:
-                    raise ValueError(
-                        f"Route {route.label!r} -> {route.target!r}: units {units_label(units)!r} "  # type: ignore[arg-type]
-                        f"do not intersect the target's units {units_label(self.target.units)!r} at {self.where}; "
-                        "the entry routes nothing"
-                    )
-                owner.update(dict.fromkeys(selected, k))
-                table[row, sorted(selected)] = weight
-            shadowed = [units_label(u) for k, (u, _) in enumerate(entries) if k not in owner.values() and u is not None]
-            if shadowed:
-                raise ValueError(
-                    f"Route {route.label!r} -> {route.target!r}: entry {shadowed[0]!r} is overridden entirely by "
-                    f"later entries at {self.where} (later entries win); reorder or remove it"
-                )
-            if not self.router.allow_noop and bool((table[row] == 1).all()):
-                raise ValueError(
-                    f"Route {route.label!r} -> {route.target!r}: every weight at {self.where} is 1, so it routes "
-                    "nothing; remove the route (or pass allow_noop=True for a control run)"
-                )
-        return table
+        labels, units = self.router.label_names, self.target.units
+        table = route_table(labels, units, self.routes, size, self.unit_groups, self.where)
+        raise_route_problems(table, self.where, self.router.allow_noop, units)
+        return table.weights
 
     def check_unit_groups(self) -> None:
         """Raise now if a symbolic unit group is used here that no expansion defined (sizes may be unknown)."""
@@ -292,10 +270,11 @@ class RoutedSite:
 
 
 class GradientRouter:
-    """Routes gradients of chosen activations by per-example or per-token labels.
+    """Routes gradients of chosen activations, or of chosen parameters, by per-example or per-token labels.
 
     Args:
-        targets: named :class:`Target` s, e.g. ``{"mlp": Target("transformer.h.*.mlp.act")}``.
+        targets: named :class:`Target` s (activations), e.g. ``{"mlp": Target("transformer.h.*.mlp.act")}``,
+            and :class:`~lightning_gradroute.targets.ParameterTarget` s (parameters), side by side.
         routes: :class:`Route` s referring to those target names and to ``labels``; at most one per
             (label, target).
         labels: the label names; integer labels in a batch index this list. Soft (float) labels need exactly
@@ -314,7 +293,7 @@ class GradientRouter:
 
     def __init__(
         self,
-        targets: Mapping[str, Target],
+        targets: Mapping[str, Target | ParameterTarget],
         routes: Sequence[Route],
         labels: Sequence[str] = ("retain", "forget"),
         allow_noop: bool = False,
@@ -323,8 +302,10 @@ class GradientRouter:
         if not targets:
             raise ValueError("GradientRouter: no targets given")
         for name, target in targets.items():
-            if not isinstance(target, Target):
-                raise ValueError(f"GradientRouter: target {name!r} must be a Target, got {type(target).__name__}")
+            if not isinstance(target, (Target, ParameterTarget)):
+                raise ValueError(
+                    f"GradientRouter: target {name!r} must be a Target or ParameterTarget, got {type(target).__name__}"
+                )
         labels = list(labels)
         if not labels or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
             raise ValueError(f"GradientRouter: label names must be unique non-empty strings, got {labels!r}")
@@ -365,24 +346,30 @@ class GradientRouter:
         self.allow_noop = allow_noop
         self.telemetry = telemetry
         self.sites: list[RoutedSite] = []
+        self.parameters: list[RoutedParameter] = []
         self.coverage_checked = False
         self._handles: list[RemovableHandle] = []
         self._labels: Tensor | None = None
+        self._mode: ParameterRoutingMode | None = None
+        self._mode_entered = False
 
     # ------------------------------------------------------------------ hooks
     @property
     def is_attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles or self.parameters)
 
-    def attach(self, model: nn.Module, unit_groups: UnitGroups | None = None) -> GradientRouter:
-        """Resolve every target on ``model`` and register its hooks.
+    def attach(self, model: nn.Module, expansion: ExpansionRecord | UnitGroups | None = None) -> GradientRouter:
+        """Resolve every target on ``model``: hooks for activation targets, the routed parameters of parameter
+        targets.
 
-        Unit selections are checked now wherever the feature size is known (an expansion's unit groups, or a
-        Linear, Embedding, LayerNorm, convolution or HF Conv1D module), otherwise at the first routed forward.
+        Unit selections are checked now wherever the feature size is known (parameters, an expansion's unit
+        groups, or a Linear, Embedding, LayerNorm, convolution or HF Conv1D module), otherwise at the first routed
+        forward.
 
         Args:
-            model: the module whose ``named_modules()`` the target patterns match.
-            unit_groups: ``{(module_name, site): {"expanded": [...], "original": [...]}}`` from an expansion.
+            model: the module whose ``named_modules()`` / ``named_parameters()`` the patterns match.
+            expansion: the model's :class:`~lightning_gradroute.ExpansionRecord` (what ``expand`` returned), for
+                the ``"expanded"`` / ``"original"`` units; or just its ``unit_groups`` (activation targets only).
 
         Raises:
             ValueError: a pattern matching nothing, a module and its descendant without ``nested``, a container
@@ -390,10 +377,18 @@ class GradientRouter:
         """
         if self.is_attached:
             raise RuntimeError("GradientRouter.attach: already attached; call detach() first")
-        groups = unit_groups or {}
+        record = expansion if isinstance(expansion, ExpansionRecord) else None
+        groups = record.unit_groups if record is not None else (expansion or {})
         sites: list[tuple[RoutedSite, nn.Module]] = []
+        parameters: list[RoutedParameter] = []
         for target_name, target in self.targets.items():
             routes = [r for r in self.routes if r.target == target_name]
+            if isinstance(target, ParameterTarget):
+                expanded = list(record.params) if record is not None else None
+                parameters += resolve_routed_parameters(
+                    model, target_name, target, routes, self.label_names, expanded, self.allow_noop
+                )
+                continue
             for module_name, module in resolve_modules(model, target, target_name):
                 if type(module).forward is nn.Module.forward:
                     raise ValueError(
@@ -407,6 +402,11 @@ class GradientRouter:
                 if size is not None:  # fail now, not at step 1, on out-of-range units or routes routing nothing
                     site.table(size, next(module.parameters(), torch.empty(0)).device)
                 sites.append((site, module))
+        twice = [p.name for i, p in enumerate(parameters) if any(q.param is p.param for q in parameters[:i])]
+        if twice:
+            raise ValueError(f"GradientRouter: parameter {twice[0]!r} is matched by two parameter targets")
+        for routed in parameters:
+            routed.register()
         for site, module in sites:
             if site.target.site == "output":
                 handle = module.register_forward_hook(site.output_hook)
@@ -414,21 +414,28 @@ class GradientRouter:
                 handle = module.register_forward_pre_hook(site.input_hook, with_kwargs=True)
             self._handles.append(handle)
         self.sites = [site for site, _ in sites]
+        self.parameters = parameters
+        if parameters:
+            self._mode = ParameterRoutingMode({id(p.param): p for p in parameters}, lambda: self._labels)
         self.coverage_checked = False
         return self
 
     def detach(self) -> None:
-        """Remove every hook this router registered (and only those)."""
+        """Remove every hook this router registered (and only those) and stop routing its parameters."""
+        self.clear_labels()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.sites = []
-        self._labels = None
+        for routed in self.parameters:
+            routed.unregister()
+        self.sites, self.parameters, self._mode = [], [], None
 
     @contextlib.contextmanager
-    def attached(self, model: nn.Module, unit_groups: UnitGroups | None = None) -> Iterator[GradientRouter]:
-        """Context manager: hooks exist inside the block only."""
-        self.attach(model, unit_groups)
+    def attached(
+        self, model: nn.Module, expansion: ExpansionRecord | UnitGroups | None = None
+    ) -> Iterator[GradientRouter]:
+        """Context manager: hooks (and parameter routing) exist inside the block only."""
+        self.attach(model, expansion)
         try:
             yield self
         finally:
@@ -440,12 +447,19 @@ class GradientRouter:
         return self._labels
 
     def set_labels(self, labels: Tensor) -> Tensor:
-        """Validate and hold ``labels`` for every routed forward (and recomputation) until :meth:`clear_labels`."""
+        """Validate and hold ``labels`` for every routed forward (and recomputation) until :meth:`clear_labels`;
+        with parameter targets, enter the :class:`~lightning_gradroute.param_routing.ParameterRoutingMode`."""
         self._labels = check_labels(labels, self.label_names)
+        if self._mode is not None and not self._mode_entered:
+            self._mode.__enter__()
+            self._mode_entered = True
         return self._labels
 
     def clear_labels(self) -> None:
         self._labels = None
+        if self._mode_entered:
+            self._mode_entered = False
+            self._mode.__exit__(None, None, None)  # type: ignore[union-attr]
 
     @contextlib.contextmanager
     def route(self, labels: Tensor) -> Iterator[Tensor]:
@@ -473,7 +487,7 @@ class GradientRouter:
         Raises:
             ValueError: one line naming each site that routed nothing, and why.
         """
-        problems = [p for p in (site.coverage_problem() for site in self.sites) if p]
+        problems = [p for p in (s.coverage_problem() for s in [*self.sites, *self.parameters]) if p]
         if problems:
             more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
             raise ValueError(f"gradient routing routed nothing at: {'; '.join(problems[:3])}{more}")
@@ -517,4 +531,8 @@ class GradientRouter:
         for site in self.sites:
             per_label = {r.label: r.weights for r in site.routes}
             lines.append(f"{site.target_name}: {site.module_name} [{site.target.site}] {per_label or 'no routes'}")
+        for routed in self.parameters:
+            per_label = {r.label: r.weights for r in self.routes if r.target == routed.target_name}
+            where = f"{routed.name} [parameter, dim {routed.dim}]"
+            lines.append(f"{routed.target_name}: {where} {per_label or 'no routes'}")
         return "\n".join(lines)

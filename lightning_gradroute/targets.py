@@ -34,12 +34,17 @@ import torch
 from torch import nn
 
 __all__ = [
+    "ParameterTarget",
     "Route",
     "Target",
     "UnitGroups",
     "Units",
+    "RouteTable",
     "feature_size_hint",
+    "raise_route_problems",
     "resolve_modules",
+    "resolve_parameters",
+    "route_table",
     "unit_indices",
     "units_label",
 ]
@@ -185,6 +190,83 @@ class Target:
         return _glob_match(tuple(self.modules.split(".")), tuple(name.split(".")))
 
 
+@dataclass(frozen=True)
+class ParameterTarget:
+    """A set of parameters whose gradient is routed per item, inside backward (parameter-level routing).
+
+    Where a :class:`Target` scales the gradient flowing back through an activation (so everything upstream
+    learns less), a ``ParameterTarget`` scales only what each item contributes to these parameters' gradients:
+    the gradient flowing on to the layer's input, and so to every earlier layer, is untouched. Exact per example
+    or per token, in mixed batches, before any all-reduce (so under DDP and gradient accumulation too), for
+    parameters used as the weight or bias of ``F.linear`` (``nn.Linear``), ``torch.addmm`` (HF ``Conv1D``) or
+    ``F.embedding`` (``nn.Embedding``). Any other differentiable use of a routed parameter is an error.
+
+    Args:
+        params: a dotted-path glob over ``model.named_parameters()`` (same syntax as ``Target.modules``) or a
+            ``re:`` regex: ``"transformer.h.*.mlp.c_fc.weight"``.
+        dim: the dim of the parameter that units index: for an ``nn.Linear`` weight ``(out, in)``, 0 is its output
+            features (an MLP's neurons in its up projection), 1 its input features (the neurons in the down
+            projection); a bias has only dim 0; an ``nn.Embedding`` weight ``(vocab, features)`` has vocabulary
+            rows (0) and features (1).
+        units: the units this target addresses (the same language as activation targets; ``"expanded"`` is all
+            of a parameter an expansion added, ``"original"`` all of one it did not).
+
+    Example (SGTM-style: forget tokens may only change neurons 64: of every MLP)::
+
+        targets = {
+            "up": ParameterTarget("model.transformer.h.*.mlp.c_fc.weight", dim=0),
+            "down": ParameterTarget("model.transformer.h.*.mlp.c_proj.weight", dim=1),
+        }
+        routes = [Route("forget", "up", {":64": 0.0}), Route("forget", "down", {":64": 0.0})]
+    """
+
+    params: str
+    dim: int = 0
+    units: Units = "all"
+
+    def __post_init__(self) -> None:
+        Target(self.params)  # the same pattern rules and errors
+        if not _is_int(self.dim) or self.dim < 0:
+            raise ValueError(f"ParameterTarget {self.params!r}: dim must be an int >= 0, got {self.dim!r}")
+        _check_units(self.units, f"ParameterTarget {self.params!r}")
+        if not isinstance(self.units, str) and not _is_int(self.units):
+            object.__setattr__(self, "units", tuple(self.units))  # type: ignore[arg-type]
+
+    def matches(self, name: str) -> bool:
+        """Whether the parameter called ``name`` is one of this target's."""
+        return Target(self.params).matches(name)
+
+
+def resolve_parameters(
+    model: nn.Module, target: ParameterTarget, target_name: str = ""
+) -> list[tuple[str, nn.Parameter]]:
+    """Return the ``(name, parameter)`` pairs of ``model`` that ``target`` matches, in model order.
+
+    Raises:
+        ValueError: nothing matched (with the closest names), a parameter without ``dim``, or one that does not
+            require grad.
+    """
+    label = target_name or target.params
+    named = list(model.named_parameters())
+    hits = [(n, p) for n, p in named if target.matches(n)]
+    if not hits:
+        names = [n for n, _ in named]
+        probe = target.params.removeprefix("re:")
+        close = difflib.get_close_matches(probe, names, n=5, cutoff=0.3) or names[:5]
+        raise ValueError(
+            f"parameter target {label!r}: pattern {target.params!r} matches no parameter of "
+            f"{type(model).__name__}; closest names: {', '.join(close)}"
+        )
+    for name, param in hits:
+        if param.dim() <= target.dim:
+            raise ValueError(
+                f"parameter target {label!r}: {name!r} of shape {tuple(param.shape)} has no dim {target.dim}"
+            )
+        if not param.requires_grad:
+            raise ValueError(f"parameter target {label!r}: {name!r} does not require grad; nothing to route")
+    return hits
+
+
 @functools.lru_cache(maxsize=4096)
 def _glob_match(pattern: tuple[str, ...], name: tuple[str, ...]) -> bool:
     """Segment-wise glob: ``**`` spans any number of whole segments, anything else matches one segment."""
@@ -244,6 +326,75 @@ class Route:
 def _check_weight(w: object, route: Route) -> None:
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w != w or w in (float("inf"), float("-inf")):
         raise ValueError(f"Route {route.label!r} -> {route.target!r}: weight {w!r} is not a finite number")
+
+
+@dataclass
+class RouteTable:
+    """A ``(labels, units)`` weight table and, per route, what in it routes nothing (for the errors)."""
+
+    weights: torch.Tensor
+    routes: list[Route]
+    #: per route: the unit selections that select none of the target's units here
+    empty: list[list[str]]
+    #: per route: the unit selections that later entries override entirely here
+    shadowed: list[list[str]]
+    #: per route: whether its row is all ones here
+    identity: list[bool]
+
+
+def route_table(
+    label_names: Sequence[str],
+    target_units: Units,
+    routes: Sequence[Route],
+    size: int,
+    unit_groups: Mapping[str, Sequence[int]],
+    where: str,
+) -> RouteTable:
+    """Build the ``(num_labels, size)`` float32 weights of ``routes`` over ``size`` features (rows of labels
+    without routes are all ones; later entries of a route win), noting the entries that route nothing."""
+    weights = torch.ones(len(label_names), size)
+    allowed = set(unit_indices(target_units, size, unit_groups, where))
+    empty, shadowed, identity = [], [], []
+    for route in routes:
+        row = label_names.index(route.label)
+        owner: dict[int, int] = {}
+        entries = route.unit_weights()
+        missing = []
+        for k, (units, weight) in enumerate(entries):
+            selected = allowed
+            if units is not None:
+                selected = allowed.intersection(unit_indices(units, size, unit_groups, where))
+            if not selected:
+                missing.append(units_label(units if units is not None else target_units))
+            owner.update(dict.fromkeys(selected, k))
+            weights[row, sorted(selected)] = weight
+        empty.append(missing)
+        kept = set(owner.values())
+        shadowed.append([units_label(u) for k, (u, _) in enumerate(entries) if k not in kept and u is not None
+                         and units_label(u) not in missing])  # fmt: skip
+        identity.append(bool((weights[row] == 1).all()))
+    return RouteTable(weights, list(routes), empty, shadowed, identity)
+
+
+def raise_route_problems(table: RouteTable, where: str, allow_noop: bool, target_units: Units = "all") -> None:
+    """Raise for the first route entry of ``table`` that routes nothing (see :class:`RouteTable`)."""
+    for route, empty, shadowed, identity in zip(table.routes, table.empty, table.shadowed, table.identity):
+        name = f"Route {route.label!r} -> {route.target!r}"
+        if empty:
+            raise ValueError(
+                f"{name}: units {empty[0]!r} do not intersect the target's units {units_label(target_units)!r} at "
+                f"{where}; the entry routes nothing"
+            )
+        if shadowed:
+            raise ValueError(
+                f"{name}: entry {shadowed[0]!r} is overridden entirely by later entries at {where} (later entries "
+                "win); reorder or remove it"
+            )
+        if identity and not allow_noop:
+            raise ValueError(
+                f"{name}: every weight at {where} is 1, so it routes nothing; remove the route (or pass "
+                "allow_noop=True for a control run)"
+            )
 
 
 def resolve_modules(model: nn.Module, target: Target, target_name: str = "") -> list[tuple[str, nn.Module]]:

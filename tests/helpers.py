@@ -28,6 +28,10 @@ VOCAB = 11
 SEQ = 5
 
 
+#: ``Trainer`` arguments of the 2-process CPU DDP tests (each rank gets its own slice of every global batch).
+DDP = dict(accelerator="cpu", devices=2, strategy="ddp_spawn", use_distributed_sampler=False)
+
+
 def trainer_kwargs(tmp_path: Any, **overrides: Any) -> dict[str, Any]:
     """Quiet single-process CPU ``Trainer`` arguments, as in Lightning's own callback tests."""
     kwargs: dict[str, Any] = dict(
@@ -87,6 +91,19 @@ def token_data(n: int, labels: Tensor, valid: Tensor | None = None, seed: int = 
     if valid is not None:
         data["valid"] = valid
     return data
+
+
+def token_columns() -> dict[str, torch.Tensor]:
+    """Four global batches of 4 sequences (2 per rank). Rank 0's rows carry all the forget tokens and most of
+    the padding, so per-rank item counts are uneven and rank 1 never sees forget data."""
+    labels = torch.zeros(16, SEQ, dtype=torch.long)
+    valid = torch.ones(16, SEQ)
+    for start in range(0, 16, 4):  # rows start, start+1 go to rank 0; start+2, start+3 to rank 1
+        labels[start, : 1 + start // 4] = 1
+        labels[start + 1, 2] = 1
+        valid[start, 3:] = 0
+        valid[start + 2, start // 4 + 1 :] = 0
+    return token_data(16, labels, valid, seed=3)
 
 
 class RoutedDataModule(pl.LightningDataModule):

@@ -13,12 +13,10 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SEQ, MixinTokenModel, RoutedDataModule, token_data, trainer_kwargs
+from helpers import DDP, MixinTokenModel, RoutedDataModule, token_columns, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 
 from lightning_gradroute import GradientRoutingCallback, Route, Target
-
-DDP = dict(accelerator="cpu", devices=2, strategy="ddp_spawn", use_distributed_sampler=False)
 
 
 def routing() -> GradientRoutingCallback:
@@ -46,19 +44,6 @@ class SaveRankState(Callback):
 
 def rank_states(directory: Path) -> list[dict[str, Any]]:
     return [torch.load(directory / f"rank{r}.pt") for r in range(2)]
-
-
-def token_columns() -> dict[str, torch.Tensor]:
-    """Four global batches of 4 sequences (2 per rank). Rank 0's rows carry all the forget tokens and most of
-    the padding, so per-rank item counts are uneven and rank 1 never sees forget data."""
-    labels = torch.zeros(16, SEQ, dtype=torch.long)
-    valid = torch.ones(16, SEQ)
-    for start in range(0, 16, 4):  # rows start, start+1 go to rank 0; start+2, start+3 to rank 1
-        labels[start, : 1 + start // 4] = 1
-        labels[start + 1, 2] = 1
-        valid[start, 3:] = 0
-        valid[start + 2, start // 4 + 1 :] = 0
-    return token_data(16, labels, valid, seed=3)
 
 
 @pytest.mark.timeout(120)

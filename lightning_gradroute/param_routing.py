@@ -1,0 +1,384 @@
+"""Parameter-level routing: scale what each item contributes to a parameter's gradient, inside backward.
+
+A :class:`~lightning_gradroute.targets.ParameterTarget` names parameters. While a router holds labels, a
+``TorchFunctionMode`` (:class:`ParameterRoutingMode`) sees every differentiable use of a routed parameter and
+runs it through an autograd function of its own:
+
+* ``F.linear(x, W, b)`` (``nn.Linear``) and ``torch.addmm(b, x, W)`` (HF ``Conv1D``): the forward is the same
+  call (bit-identical output); backward returns the input gradient unchanged and the weight gradient
+  ``sum_i m_i * outer(grad_y_i, x_i)`` with each item's (example's or token's) weights ``m_i`` over the units of
+  the routed dim, as one matmul on a masked operand; the bias gradient is ``sum_i m_i * grad_y_i``.
+* ``F.embedding(ids, W)`` (``nn.Embedding``): ``grad_W[ids_i] += m_i * grad_y_i`` (features routed), or the
+  weight of the row each item reads (vocabulary rows routed).
+
+The weights are the same ``(labels, units)`` tables as activation routing (soft labels interpolate), built from
+the routes. Because the weighting happens in each rank's own backward, it is exact before any all-reduce: under
+DDP with different labels per rank, under gradient accumulation, in mixed batches. Any other differentiable use
+of a routed parameter (``W.t()``, ``x @ W``, a layer norm) is an error naming the parameter and the op: it would
+let every item's gradient through.
+
+Backward also records, per parameter, which units some item was allowed to change since the last optimizer
+step (read by :mod:`lightning_gradroute.optim`) and, for an optimizer that keeps moments per label, each
+label's share of the gradient.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_gradroute.grad import label_mask, table_rows
+from lightning_gradroute.labels import label_membership
+from lightning_gradroute.targets import (
+    ParameterTarget,
+    Route,
+    RouteTable,
+    raise_route_problems,
+    resolve_parameters,
+    route_table,
+)
+
+__all__ = ["ParameterRoutingMode", "RoutedParameter", "flat_labels", "resolve_routed_parameters", "routed_parameter"]
+
+#: id(parameter) -> (weak reference to it, its RoutedParameter), for the routers attached now.
+_ROUTED: dict[int, tuple[weakref.ref[Tensor], RoutedParameter]] = {}
+
+
+def routed_parameter(param: Tensor) -> RoutedParameter | None:
+    """How an attached router routes ``param`` (``None`` if none does)."""
+    entry = _ROUTED.get(id(param))
+    return entry[1] if entry is not None and entry[0]() is param else None
+
+
+class RoutedParameter:
+    """One routed parameter: its ``(labels, units)`` weight table along ``dim`` and what backward recorded.
+
+    Counters (while labels are set): ``calls`` routed uses in forward, ``backward`` gradients computed.
+    """
+
+    def __init__(
+        self, label_names: Sequence[str], target_name: str, target: ParameterTarget, name: str, param: nn.Parameter,
+        weights: Tensor,
+    ) -> None:  # fmt: skip
+        self.num_labels = len(label_names)
+        self.target_name = target_name
+        self.target = target
+        self.name = name
+        self.param = param
+        self.dim = target.dim
+        self.table = weights.to(param.device)
+        self.calls = self.backward = 0
+        #: set by an optimizer that keeps moments per label: backward then records each label's gradient share
+        self.keep_label_grads = False
+        self._allowed: Tensor | None = None
+        self._label_grads: Tensor | None = None
+
+    @property
+    def where(self) -> str:
+        return f"parameter target {self.target_name!r} ({self.name!r}, dim {self.dim})"
+
+    def register(self) -> None:
+        if routed_parameter(self.param) is not None:
+            raise ValueError(f"{self.where}: the parameter is already routed by another target or router")
+        _ROUTED[id(self.param)] = (weakref.ref(self.param), self)
+
+    def unregister(self) -> None:
+        if routed_parameter(self.param) is self:
+            del _ROUTED[id(self.param)]
+
+    def item_weights(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(items, units)``: the table row of each item's label (soft labels interpolate, in fp32 or wider)."""
+        return label_mask(labels, table_rows(self.table, labels, dtype), 1, 2).to(dtype)
+
+    def label_shares(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(labels, items, units)``: each label's share of the item weights (membership times its row)."""
+        membership = label_membership(labels, self.num_labels).to(dtype)  # (items, labels)
+        return membership.t()[:, :, None] * self.table.to(dtype)[:, None, :]
+
+    def record(self, allowed: Tensor, label_grads: Tensor | None) -> None:
+        """One backward: the units some item was allowed to change (``(units,)``, or ``(labels, units)`` with
+        label gradients) and each label's gradient share ``(labels, *param.shape)``."""
+        self.backward += 1
+        self._allowed = allowed if self._allowed is None else self._allowed | allowed
+        if label_grads is not None:
+            self._label_grads = label_grads if self._label_grads is None else self._label_grads + label_grads
+
+    def pop_step(self) -> tuple[Tensor | None, Tensor | None]:
+        """The allowed units and the label gradients since the last call (for an optimizer step); resets them."""
+        allowed, label_grads = self._allowed, self._label_grads
+        self._allowed = self._label_grads = None
+        return allowed, label_grads
+
+    def coverage_problem(self) -> str | None:
+        if self.calls == 0:
+            return f"{self.where} was never used in a routed forward"
+        if self.backward == 0:
+            return f"{self.where} received no gradient in backward (its use does not reach the loss)"
+        return None
+
+
+def resolve_routed_parameters(
+    model: nn.Module,
+    target_name: str,
+    target: ParameterTarget,
+    routes: Sequence[Route],
+    label_names: Sequence[str],
+    expanded: Sequence[str] | None,
+    allow_noop: bool,
+) -> list[RoutedParameter]:
+    """The :class:`RoutedParameter` s of one target, with their weight tables.
+
+    ``expanded`` names the parameters an expansion added (``None`` without an expansion): units ``"expanded"``
+    are all of those, ``"original"`` all of the others. A route entry that selects nothing, is overridden or
+    leaves every weight at 1 is an error only if it does so at every parameter of the target (a pattern may
+    match original and new parameters alike).
+
+    Raises:
+        ValueError: see :func:`~lightning_gradroute.targets.resolve_parameters` and the route checks.
+    """
+    found, tables = [], []
+    for name, param in resolve_parameters(model, target, target_name):
+        size = param.shape[target.dim]
+        groups = {}
+        if expanded is not None:
+            new = name in expanded
+            groups = {"expanded": list(range(size)) if new else [], "original": [] if new else list(range(size))}
+        where = f"parameter target {target_name!r} ({name!r}, dim {target.dim})"
+        table = route_table(label_names, target.units, routes, size, groups, where)
+        found.append(RoutedParameter(label_names, target_name, target, name, param, table.weights))
+        tables.append(table)
+    # A problem counts where it holds at every parameter: report it as the last parameter saw it.
+    every = RouteTable(
+        tables[-1].weights,
+        list(routes),
+        [[u for u in tables[-1].empty[k] if all(u in t.empty[k] for t in tables)] for k in range(len(routes))],
+        [[u for u in tables[-1].shadowed[k] if all(u in t.shadowed[k] for t in tables)] for k in range(len(routes))],
+        [all(t.identity[k] for t in tables) for k in range(len(routes))],
+    )
+    where = f"parameter target {target_name!r} (every matched parameter)"
+    raise_route_problems(every, where, allow_noop, target.units)
+    return found
+
+
+def flat_labels(labels: Tensor, items: Sequence[int], where: str) -> Tensor:
+    """The label of each of the ``prod(items)`` items an op sees, flattened.
+
+    ``items`` are the op's item dims (all but the feature dim). The labels equal their leading dims (per-example
+    labels then cover every token), or, for an op on a flattened ``(B * T, features)`` view, they fill its one
+    item dim exactly (per token) or per example.
+    """
+    items = tuple(items)
+    if items[: labels.dim()] == tuple(labels.shape):
+        shape = (*labels.shape, *([1] * (len(items) - labels.dim())))
+        return labels.reshape(shape).expand(items).reshape(-1)
+    if len(items) == 1 and items[0] == labels.numel():
+        return labels.reshape(-1)
+    if len(items) == 1 and labels.dim() == 1 and labels.numel() and items[0] % labels.numel() == 0:
+        return labels.repeat_interleave(items[0] // labels.numel())
+    raise ValueError(
+        f"{where}: labels of shape {tuple(labels.shape)} do not fit the {items} items it is used on (the batch, "
+        "and the sequence for per-token labels, must lead)"
+    )
+
+
+# ------------------------------------------------------------------------------------------ backward math
+def _weighted(
+    route: RoutedParameter, labels: Tensor, dtype: torch.dtype, combine: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``combine(item_weights)`` (a gradient), recording allowed units and, if kept, each label's share."""
+    if not route.keep_label_grads:
+        weights = route.item_weights(labels, dtype)
+        route.record((weights != 0).any(0), None)
+        return combine(weights)
+    shares = route.label_shares(labels, dtype)
+    per_label = torch.stack([combine(share) for share in shares])
+    route.record((shares != 0).any(1), per_label)
+    return per_label.sum(0)
+
+
+class _Autocast:
+    """The autocast state of the forward, re-entered in backward (as ``torch.amp.custom_bwd`` does)."""
+
+    def __init__(self, device_type: str) -> None:
+        self.device_type = device_type
+        self.enabled = torch.is_autocast_enabled(device_type)
+        self.dtype = torch.get_autocast_dtype(device_type)
+
+    def __call__(self) -> torch.autocast:
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+
+class _RoutedMatmul(torch.autograd.Function):
+    """``F.linear(x, W, b)`` (``linear``: W ``(out, in)``) or ``torch.addmm(b, x, W)`` (W ``(in, out)``, x 2-D)
+    with per-item weight and bias gradients and an untouched input gradient."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+        routes: tuple[RoutedParameter | None, RoutedParameter | None], linear: bool,
+    ) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(x, weight, labels)
+        ctx.routes, ctx.linear, ctx.autocast = routes, linear, _Autocast(x.device.type)
+        if linear:
+            return F.linear(x, weight, bias)
+        return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, labels = ctx.saved_tensors
+        weight_route, bias_route = ctx.routes
+        grad_x = grad_w = grad_b = None
+        with ctx.autocast():
+            grad = grad_y.reshape(-1, grad_y.shape[-1])  # (items, out)
+            inputs = x.reshape(-1, x.shape[-1])  # (items, in)
+            if ctx.needs_input_grad[0]:
+                grad_x = grad.mm(weight if ctx.linear else weight.t()).view(x.shape)
+            if ctx.needs_input_grad[1]:
+                # An (out, in) gradient; W is (out, in) in F.linear, (in, out) in addmm.
+                if weight_route is None:
+                    grad_w = grad.t().mm(inputs)
+                elif (weight_route.dim == 0) == ctx.linear:  # the routed units are the outputs
+                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: (grad * m).t().mm(inputs)
+                                       if ctx.linear else inputs.t().mm(grad * m))  # fmt: skip
+                else:  # the routed units are the inputs
+                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: grad.t().mm(inputs * m)
+                                       if ctx.linear else (inputs * m).t().mm(grad))  # fmt: skip
+                if weight_route is None and not ctx.linear:
+                    grad_w = grad_w.t()
+            if ctx.needs_input_grad[2]:
+                if bias_route is None:
+                    grad_b = grad.sum(0)
+                else:
+                    grad_b = _weighted(bias_route, labels, grad.dtype, lambda m: (grad * m).sum(0))
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _RoutedEmbedding(torch.autograd.Function):
+    """``F.embedding(ids, W, padding_idx)`` with per-item weight gradients."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, ids: Tensor, weight: Tensor, labels: Tensor, route: RoutedParameter, padding_idx: int | None
+    ) -> Tensor:
+        ctx.save_for_backward(ids, labels)
+        ctx.route, ctx.padding_idx, ctx.rows = route, padding_idx, weight.shape[0]
+        ctx.autocast = _Autocast(weight.device.type)
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        ids, labels = ctx.saved_tensors
+        route: RoutedParameter = ctx.route
+        flat_ids = ids.reshape(-1)
+        grad = grad_y.reshape(flat_ids.numel(), -1)  # (items, features)
+
+        def scatter(contributions: Tensor) -> Tensor:
+            out = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, flat_ids, contributions)
+            if ctx.padding_idx is not None:
+                out[ctx.padding_idx] = 0
+            return out
+
+        with ctx.autocast():
+            if route.dim == 1:  # features: each item's weights over them
+                grad_w = _weighted(route, labels, grad.dtype, lambda m: scatter(grad * m))
+            else:  # vocabulary rows: the weight of the row each item reads
+                grad_w = _row_weighted(route, labels, flat_ids, grad, scatter)
+        return None, grad_w, None, None, None
+
+
+def _row_weighted(
+    route: RoutedParameter, labels: Tensor, ids: Tensor, grad: Tensor, scatter: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Embedding rows routed: item ``i`` reads row ``ids_i``, so its weight is entry ``ids_i`` of its row."""
+    membership = label_membership(labels, route.num_labels).to(grad.dtype)  # (items, labels)
+    shares = membership * route.table.to(grad.dtype)[:, ids].t()  # (items, labels): label l's share per item
+    touched = torch.zeros(route.num_labels, route.param.shape[0], dtype=torch.bool, device=grad.device)
+    for label in range(route.num_labels):
+        touched[label, ids[shares[:, label] != 0]] = True
+    if not route.keep_label_grads:
+        route.record(touched.any(0), None)
+        return scatter(grad * shares.sum(1, keepdim=True))
+    per_label = torch.stack([scatter(grad * shares[:, label, None]) for label in range(route.num_labels)])
+    route.record(touched, per_label)
+    return per_label.sum(0)
+
+
+# ------------------------------------------------------------------------------------------------- the mode
+class ParameterRoutingMode(TorchFunctionMode):
+    """Runs every differentiable use of a routed parameter through its routed autograd function (see the module
+    docstring); any other differentiable use raises. Entered while a router holds labels."""
+
+    def __init__(self, routes: Mapping[int, RoutedParameter], labels: Callable[[], Tensor | None]) -> None:
+        super().__init__()
+        self.routes = dict(routes)
+        self.labels = labels
+
+    def route_of(self, tensor: Any) -> RoutedParameter | None:
+        route = self.routes.get(id(tensor)) if isinstance(tensor, Tensor) else None
+        return route if route is not None and route.param is tensor else None
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if not torch.is_grad_enabled():  # optimizer steps, evaluation, backward formulas
+            return func(*args, **kwargs)
+        found = [r for v in (*args, *kwargs.values()) for t in (v if isinstance(v, (list, tuple)) else (v,))
+                 if (r := self.route_of(t)) is not None]  # fmt: skip
+        if not found:
+            return func(*args, **kwargs)
+        labels = self.labels()
+        handler = _HANDLERS.get(func)
+        if handler is None or labels is None:
+            result = func(*args, **kwargs)
+            outputs = result if isinstance(result, (list, tuple)) else (result,)
+            if any(isinstance(t, Tensor) and t.requires_grad for t in outputs):
+                raise ValueError(
+                    f"{found[0].where}: used by {getattr(func, '__name__', func)}, which parameter routing cannot "
+                    "route per item (it routes the weight and bias of F.linear, torch.addmm and F.embedding); use "
+                    "activation routing there"
+                )
+            return result
+        for route in found:
+            route.calls += 1
+        return handler(self, labels, found[0].where, *args, **kwargs)
+
+
+def _linear(mode: ParameterRoutingMode, labels: Tensor, where: str, input: Tensor, weight: Tensor,
+            bias: Tensor | None = None) -> Tensor:  # fmt: skip
+    if mode.route_of(input) is not None:
+        raise ValueError(f"{where}: used as the input of F.linear; only a weight or bias can be routed")
+    items = flat_labels(labels, input.shape[:-1], where)
+    return _RoutedMatmul.apply(input, weight, bias, items, (mode.route_of(weight), mode.route_of(bias)), True)
+
+
+def _addmm(mode: ParameterRoutingMode, labels: Tensor, where: str, input: Tensor, mat1: Tensor, mat2: Tensor, *,
+           beta: float = 1, alpha: float = 1) -> Tensor:  # fmt: skip
+    if beta != 1 or alpha != 1 or mode.route_of(mat1) is not None or input.dim() != 1:
+        raise ValueError(
+            f"{where}: used by torch.addmm in a form parameter routing does not route (it routes addmm(bias, x, W) "
+            "with a 1-d bias, beta = alpha = 1, as HF Conv1D calls it)"
+        )
+    items = flat_labels(labels, mat1.shape[:-1], where)
+    return _RoutedMatmul.apply(mat1, mat2, input, items, (mode.route_of(mat2), mode.route_of(input)), False)
+
+
+def _embedding(mode: ParameterRoutingMode, labels: Tensor, where: str, input: Tensor, weight: Tensor,
+               padding_idx: int | None = None, max_norm: float | None = None, norm_type: float = 2.0,
+               scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:  # fmt: skip
+    route = mode.route_of(weight)
+    if route is None or max_norm is not None or scale_grad_by_freq or sparse:
+        raise ValueError(
+            f"{where}: used by F.embedding in a form parameter routing does not route (the weight, without "
+            "max_norm, scale_grad_by_freq or sparse)"
+        )
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    return _RoutedEmbedding.apply(input, weight, flat_labels(labels, input.shape, where), route, padding_idx)
+
+
+_HANDLERS: dict[Any, Callable[..., Tensor]] = {F.linear: _linear, torch.addmm: _addmm, F.embedding: _embedding}
