@@ -29,7 +29,7 @@ from lightning_gradroute.expansion import Expansion, expand
 from lightning_gradroute.labels import BatchKey, LabelSource
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
-from lightning_gradroute.targets import Route, Target
+from lightning_gradroute.targets import ParameterTarget, Route, Target
 
 __all__ = ["GradientRoutingCallback"]
 
@@ -85,8 +85,10 @@ class GradientRoutingCallback(Callback):
         )
 
     Args:
-        targets: named :class:`~lightning_gradroute.Target` s (where). Patterns match
-            ``pl_module.named_modules()``.
+        targets: named :class:`~lightning_gradroute.Target` s (activations: patterns match
+            ``pl_module.named_modules()``) and :class:`~lightning_gradroute.ParameterTarget` s (parameters:
+            ``pl_module.named_parameters()``; pair them with :class:`~lightning_gradroute.RoutedAdamW` in
+            ``configure_optimizers`` so that blocked units keep their optimizer state).
         routes: :class:`~lightning_gradroute.Route` s (what, per label), at most one per (label, target).
         labels: the label names; integer labels in the batch index this list. Float labels in [0, 1] are soft
             labels between the first and second name. A :class:`~lightning_gradroute.GradientRoutingMixin`
@@ -124,7 +126,7 @@ class GradientRoutingCallback(Callback):
 
     def __init__(
         self,
-        targets: Mapping[str, Target],
+        targets: Mapping[str, Target | ParameterTarget],
         routes: Sequence[Route],
         labels: Sequence[str] = ("retain", "forget"),
         label_key: str | int = "route_labels",

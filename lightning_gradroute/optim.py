@@ -175,9 +175,8 @@ class RoutedAdamW(Optimizer):
             grad, state["exp_avg"], state["exp_avg_sq"], _along(route, state["step"], param.dim()), group
         )
         new_param = param.mul(1 - group["lr"] * group["weight_decay"]).sub_(update)
-        param.copy_(torch.where(mask, new_param, param))
-        state["exp_avg"].copy_(torch.where(mask, new_avg, state["exp_avg"]))
-        state["exp_avg_sq"].copy_(torch.where(mask, new_sq, state["exp_avg_sq"]))
+        for old, new in ((param, new_param), (state["exp_avg"], new_avg), (state["exp_avg_sq"], new_sq)):
+            torch.where(mask, new, old, out=old)
 
     def _split(
         self, param: Tensor, group: dict[str, Any], route: RoutedParameter, allowed: Tensor, label_grads: Tensor
@@ -196,11 +195,11 @@ class RoutedAdamW(Optimizer):
             step = _along(route, state["step"][label], param.dim())
             new_avg, new_sq, update = self._adam_update(label_grads[label], exp_avg, exp_avg_sq, step, group)
             total += torch.where(mask, update, 0.0)
-            exp_avg.copy_(torch.where(mask, new_avg, exp_avg))
-            exp_avg_sq.copy_(torch.where(mask, new_sq, exp_avg_sq))
+            torch.where(mask, new_avg, exp_avg, out=exp_avg)
+            torch.where(mask, new_sq, exp_avg_sq, out=exp_avg_sq)
         any_allowed = _along(route, allowed.any(0), param.dim())
         new_param = param.mul(1 - group["lr"] * group["weight_decay"]).sub_(total)
-        param.copy_(torch.where(any_allowed, new_param, param))
+        torch.where(any_allowed, new_param, param, out=param)
 
 
 class RoutedSGD(Optimizer):
@@ -268,10 +267,10 @@ class RoutedSGD(Optimizer):
                 started = _along(route, state["started"], param.dim())
                 old = state["momentum_buffer"]
                 buf = torch.where(started, old.mul(momentum).add_(grad, alpha=1 - dampening), grad)
-                old.copy_(torch.where(_along(route, allowed, param.dim()), buf, old))
+                torch.where(_along(route, allowed, param.dim()), buf, old, out=old)
                 state["started"] |= allowed
             grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
         if route is None:
             param.add_(grad, alpha=-lr)
         else:
-            param.copy_(torch.where(_along(route, allowed, param.dim()), param.add(grad, alpha=-lr), param))
+            torch.where(_along(route, allowed, param.dim()), param.add(grad, alpha=-lr), param, out=param)

@@ -191,14 +191,19 @@ def flat_labels(labels: Tensor, items: Sequence[int], where: str) -> Tensor:
 def _weighted(
     route: RoutedParameter, labels: Tensor, dtype: torch.dtype, combine: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """``combine(item_weights)`` (a gradient), recording allowed units and, if kept, each label's share."""
+    """``combine(item_weights)`` (a gradient; ``combine`` may overwrite the weights it is given), recording the
+    allowed units and, if kept, each label's share."""
+    # Hard labels: a unit is allowed where a label present in the batch has a nonzero weight (no pass over items).
+    present = None if labels.is_floating_point() else torch.bincount(labels, minlength=route.num_labels) > 0
     if not route.keep_label_grads:
         weights = route.item_weights(labels, dtype)
-        route.record((weights != 0).any(0), None)
+        allowed = (weights != 0).any(0) if present is None else ((route.table != 0) & present[:, None]).any(0)
+        route.record(allowed, None)
         return combine(weights)
     shares = route.label_shares(labels, dtype)
+    allowed = (shares != 0).any(1) if present is None else (route.table != 0) & present[:, None]
     per_label = torch.stack([combine(share) for share in shares])
-    route.record((shares != 0).any(1), per_label)
+    route.record(allowed, per_label)
     return per_label.sum(0)
 
 
@@ -244,18 +249,18 @@ class _RoutedMatmul(torch.autograd.Function):
                 if weight_route is None:
                     grad_w = grad.t().mm(inputs)
                 elif (weight_route.dim == 0) == ctx.linear:  # the routed units are the outputs
-                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: (grad * m).t().mm(inputs)
-                                       if ctx.linear else inputs.t().mm(grad * m))  # fmt: skip
+                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: m.mul_(grad).t().mm(inputs)
+                                       if ctx.linear else inputs.t().mm(m.mul_(grad)))  # fmt: skip
                 else:  # the routed units are the inputs
-                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: grad.t().mm(inputs * m)
-                                       if ctx.linear else (inputs * m).t().mm(grad))  # fmt: skip
+                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: grad.t().mm(m.mul_(inputs))
+                                       if ctx.linear else m.mul_(inputs).t().mm(grad))  # fmt: skip
                 if weight_route is None and not ctx.linear:
                     grad_w = grad_w.t()
             if ctx.needs_input_grad[2]:
                 if bias_route is None:
                     grad_b = grad.sum(0)
                 else:
-                    grad_b = _weighted(bias_route, labels, grad.dtype, lambda m: (grad * m).sum(0))
+                    grad_b = _weighted(bias_route, labels, grad.dtype, lambda m: m.mul_(grad).sum(0))
         return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -286,7 +291,7 @@ class _RoutedEmbedding(torch.autograd.Function):
 
         with ctx.autocast():
             if route.dim == 1:  # features: each item's weights over them
-                grad_w = _weighted(route, labels, grad.dtype, lambda m: scatter(grad * m))
+                grad_w = _weighted(route, labels, grad.dtype, lambda m: scatter(m.mul_(grad)))
             else:  # vocabulary rows: the weight of the row each item reads
                 grad_w = _row_weighted(route, labels, flat_ids, grad, scatter)
         return None, grad_w, None, None, None

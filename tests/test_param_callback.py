@@ -105,3 +105,26 @@ def test_era_with_parameter_routing_keeps_the_original_mlp_exactly_where_forget_
         elif name.endswith(("c_fc.weight", "c_fc.bias", "c_proj.weight")):
             assert not moved, name  # the original neurons did not, not even by weight decay or momentum
     assert not any(hasattr(m, "new_units") for m in module.modules())  # contracted at fit end
+
+
+def test_a_yaml_config_builds_activation_and_parameter_targets_side_by_side() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(GradientRoutingCallback, "routing")
+    config = parser.parse_string(
+        """
+        routing:
+          targets:
+            up: {params: "model.transformer.h.*.mlp.c_fc.weight", dim: 0}
+            act: {modules: "model.transformer.h.*.mlp.act"}
+          routes:
+            - {label: forget, target: up, weights: {"0:8": 0.0}}
+            - {label: forget, target: act, weights: {"8:": 0.5}}
+        """
+    )
+    routing = parser.instantiate(config).routing
+    assert routing.router.targets == {
+        "up": ParameterTarget("model.transformer.h.*.mlp.c_fc.weight", dim=0),
+        "act": Target("model.transformer.h.*.mlp.act"),
+    }
