@@ -140,6 +140,17 @@ def test_steps_to_recover() -> None:
     again = retraining_attack(model, regression_loss, data, lambda m: mean_loss(m, [data], regression_loss),
                               steps=4, lr=0.1, seeds=[0], target_loss=reachable)
     assert again.steps_to_recover == steps_to_recover(again.curves["forget"], reachable) <= 3
+    # Evaluating every 2nd step (and the last) gives the same losses at those steps, and steps in step numbers.
+    sparse = retraining_attack(model, regression_loss, data, lambda m: mean_loss(m, [data], regression_loss),
+                               steps=5, lr=0.1, seeds=[0], eval_every=2)
+    dense = retraining_attack(model, regression_loss, data, lambda m: mean_loss(m, [data], regression_loss),
+                              steps=5, lr=0.1, seeds=[0])
+    assert sparse.eval_steps == [0, 2, 4, 5] and dense.eval_steps == [0, 1, 2, 3, 4, 5]
+    assert sparse.curves["forget"] == [dense.curves["forget"][s] for s in sparse.eval_steps]
+    assert sparse.lowest_step in sparse.eval_steps
+    assert steps_to_recover([3.0, 2.0, 1.0], 2.0, steps=[0, 4, 8]) == 4
+    with pytest.raises(ValueError, match="2 steps for a curve of 3"):
+        steps_to_recover([3.0, 2.0, 1.0], 2.0, steps=[0, 4])
 
 
 def test_attack_and_finetune_reject_bad_arguments() -> None:

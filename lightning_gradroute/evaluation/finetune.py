@@ -7,9 +7,9 @@ step with ``eval_fn(model)``, which returns a loss (lower is better) or a mappin
 * :func:`coherence_finetune` (paper, TinyStories ERA phase 2): AdamW lr 5e-5, betas (0.9, 0.95), weight decay
   0.1 on retain data; keeps the best weights on ``eval_fn`` (the pre-fine-tune weights are a candidate).
 * :func:`retraining_attack` (paper's "robust unlearning" metric): fine-tune on a few forget examples for
-  ``steps`` steps at ``lr`` from several seeds, each from the same starting weights; report the per-step
-  curve averaged over seeds, the lowest forget loss it reaches and the steps needed to recover a given loss
-  (the SGTM metric). The model is restored afterwards.
+  ``steps`` steps at ``lr`` from several seeds, each from the same starting weights; report the curve
+  averaged over seeds (every step, or every ``eval_every`` steps), the lowest forget loss it reaches and the
+  steps needed to recover a given loss (the SGTM metric). The model is restored afterwards.
 """
 
 from __future__ import annotations
@@ -51,17 +51,19 @@ class FinetuneResult:
 
 @dataclass
 class AttackResult:
-    """Outcome of :func:`retraining_attack`; every curve has ``steps + 1`` entries (index 0: before the attack).
+    """Outcome of :func:`retraining_attack`. Curves have one entry per evaluated step, ``eval_steps`` (0: before
+    the attack; with ``eval_every=1`` every step, so entry ``i`` is step ``i``).
 
     Attributes:
         metric: the name of the loss the attack is judged on (``"forget"``).
         curves: per metric, the curve averaged over seeds.
         seed_curves: per seed, per metric, the curve of that run.
-        lowest_loss: the minimum over steps of the seed-averaged ``metric`` curve.
+        lowest_loss: the minimum over the evaluated steps of the seed-averaged ``metric`` curve.
         lowest_step: the step where it is reached.
         target_loss: the loss to recover (``None`` if not asked).
-        steps_to_recover: the first step where the averaged ``metric`` curve is at or below ``target_loss``
-            (``None``: never within ``steps``).
+        steps_to_recover: the first evaluated step where the averaged ``metric`` curve is at or below
+            ``target_loss`` (``None``: never within ``steps``).
+        eval_steps: the step of each curve entry.
     """
 
     metric: str
@@ -71,14 +73,21 @@ class AttackResult:
     lowest_step: int
     target_loss: float | None
     steps_to_recover: int | None
+    eval_steps: list[int]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def steps_to_recover(curve: Sequence[float], target_loss: float) -> int | None:
-    """The first index at which ``curve`` is at or below ``target_loss``; ``None`` if it never gets there."""
-    return next((step for step, loss in enumerate(curve) if loss <= target_loss), None)
+def steps_to_recover(curve: Sequence[float], target_loss: float, steps: Sequence[int] | None = None) -> int | None:
+    """The first step at which ``curve`` is at or below ``target_loss``; ``None`` if it never gets there.
+
+    ``steps`` is the step of each entry of ``curve`` (default: its index, one entry per step).
+    """
+    steps = range(len(curve)) if steps is None else steps
+    if len(steps) != len(curve):
+        raise ValueError(f"steps_to_recover: {len(steps)} steps for a curve of {len(curve)} entries")
+    return next((step for step, loss in zip(steps, curve) if loss <= target_loss), None)
 
 
 def _adamw(lr: float, betas: tuple[float, float], weight_decay: float) -> OptimizerFactory:
@@ -191,11 +200,13 @@ def retraining_attack(
     betas: tuple[float, float] = (0.9, 0.95),
     weight_decay: float = 0.01,
     optimizer: OptimizerFactory | None = None,
+    eval_every: int = 1,
 ) -> AttackResult:
     """Try to re-learn the forget data: fine-tune on a few forget examples from several seeds.
 
     Each seed starts from ``model``'s current weights, seeds torch's RNG (dropout, and any sampling inside
-    ``forget_batches``), trains ``steps`` steps and evaluates after each. ``model`` is restored afterwards.
+    ``forget_batches``), trains ``steps`` steps and evaluates before the first and after every ``eval_every``-th
+    (and the last). ``model`` is restored afterwards.
     The paper (TinyStories): AdamW lr 5e-5, betas (0.9, 0.95), weight decay 0.01, 40 steps, one full batch of
     1, 4, 16 or 64 forget stories, 5 repetitions.
 
@@ -221,8 +232,13 @@ def retraining_attack(
         target_loss: report the first step at which the averaged ``metric`` curve reaches this loss.
         metric: which loss of ``eval_fn`` the attack tries to lower.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` instead of AdamW.
+        eval_every: evaluate after every this many steps (and after the last): a long attack with an expensive
+            ``eval_fn`` costs less; ``steps_to_recover`` is then known to this resolution.
     """
     _check_steps(steps, "retraining_attack")
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"retraining_attack: eval_every must be a positive integer, got {eval_every!r}")
+    eval_steps = [0, *(s for s in range(1, steps + 1) if s % eval_every == 0 or s == steps)]
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"retraining_attack: seeds must be distinct and at least one, got {seeds}")
@@ -236,24 +252,26 @@ def retraining_attack(
             curves: dict[str, list[float]] = {k: [v] for k, v in _evaluate(model, eval_fn, metric).items()}
 
             def record(step: int, curves: dict[str, list[float]] = curves) -> None:
-                for key, value in _evaluate(model, eval_fn, metric).items():
-                    curves[key].append(value)
+                if step in eval_steps:
+                    for key, value in _evaluate(model, eval_fn, metric).items():
+                        curves[key].append(value)
 
             _train(model, loss_fn, batches, steps, optimizer or _adamw(lr, betas, weight_decay), record)
             seed_curves[seed] = curves
     finally:
         model.load_state_dict(initial)
     mean = {
-        key: [sum(seed_curves[s][key][i] for s in seeds) / len(seeds) for i in range(steps + 1)]
+        key: [sum(seed_curves[s][key][i] for s in seeds) / len(seeds) for i in range(len(eval_steps))]
         for key in seed_curves[seeds[0]]
     }
-    lowest_step = min(range(steps + 1), key=mean[metric].__getitem__)
+    lowest = min(range(len(eval_steps)), key=mean[metric].__getitem__)
     return AttackResult(
         metric=metric,
         curves=mean,
         seed_curves=seed_curves,
-        lowest_loss=mean[metric][lowest_step],
-        lowest_step=lowest_step,
+        lowest_loss=mean[metric][lowest],
+        lowest_step=eval_steps[lowest],
         target_loss=target_loss,
-        steps_to_recover=None if target_loss is None else steps_to_recover(mean[metric], target_loss),
+        steps_to_recover=None if target_loss is None else steps_to_recover(mean[metric], target_loss, eval_steps),
+        eval_steps=eval_steps,
     )
