@@ -14,8 +14,10 @@ Routing labels ride in every training batch as ``batch["route_labels"]``:
   partial oversight).
 * ``labels="document"`` (DEMix): one integer per story, 1 for labelled forget stories.
 
-Partial oversight: only ``floor(oversight * n_forget)`` training forget stories, drawn with ``seed``, carry a
-forget label; the rest train as retain. ``drop_labelled_forget=True`` is the data-filtering baseline.
+Partial oversight (label recall): only ``floor(oversight * n_forget)`` training forget stories, drawn with
+``seed``, carry a forget label; the rest train as retain. Label precision below 1 adds false positives: retain
+training stories that carry a forget label (:func:`label_noise`). ``drop_labelled_forget=True`` is the
+data-filtering baseline.
 
 Validation batches carry the ground truth (``route_labels`` = 1 for forget stories), so the mixin logs
 ``val/loss_retain`` and ``val/loss_forget``. The evaluation pipeline takes its story sets from
@@ -43,7 +45,15 @@ from typing_extensions import override
 from lightning_gradroute.labels import partial_oversight
 from lightning_gradroute.text_labels import FrequencyWeightedLabels, keyword_documents, token_frequency_weights
 
-__all__ = ["EOS_TEXT", "PAPER_FORGET_WORDS", "StorySplits", "TinyStoriesDataModule", "load_tokenizer", "read_stories"]
+__all__ = [
+    "EOS_TEXT",
+    "PAPER_FORGET_WORDS",
+    "StorySplits",
+    "TinyStoriesDataModule",
+    "label_noise",
+    "load_tokenizer",
+    "read_stories",
+]
 
 #: The paper's forget concept (``shared_settings.py: words_to_localize``).
 PAPER_FORGET_WORDS = ("tree", "trees", "forest", "forests", "woodland", "woodlands")
@@ -88,6 +98,35 @@ def load_tokenizer(spec: str, stories: Sequence[str] = (), bpe_vocab_size: int =
     if tokenizer.token_to_id(EOS_TEXT) is None:
         raise ValueError(f"tokenizer {spec!r} has no {EOS_TEXT!r} token")
     return tokenizer
+
+
+def label_noise(is_forget: Sequence[bool], recall: float, precision: float = 1.0, seed: int = 0) -> list[bool]:
+    """Which items carry a forget label under imperfect labels.
+
+    ``floor(recall * n_forget)`` forget items are labelled (:func:`~lightning_gradroute.labels.partial_oversight`);
+    then, so that a fraction ``precision`` of the labelled items are forget items, ``round(n_labelled * (1 -
+    precision) / precision)`` retain items, drawn uniformly with ``seed``, are labelled too (false positives). Both
+    draws are seeded prefixes of one permutation each, so for a fixed seed the labelled forget items grow with
+    ``recall`` and the false positives grow as ``precision`` falls.
+
+    Raises:
+        ValueError: ``recall`` outside [0, 1], ``precision`` outside (0, 1], or more false positives than retain
+            items.
+    """
+    if isinstance(precision, bool) or not isinstance(precision, (int, float)) or not 0 < precision <= 1:
+        raise ValueError(f"label_noise: precision must be in (0, 1], got {precision!r}")
+    labelled = partial_oversight(list(is_forget), recall, seed=seed)
+    retain_index = [i for i, forget in enumerate(is_forget) if not forget]
+    n_false = round(int(labelled.sum()) * (1 - precision) / precision)
+    if n_false > len(retain_index):
+        raise ValueError(
+            f"label_noise: precision {precision} needs {n_false} false positives but there are only "
+            f"{len(retain_index)} retain items"
+        )
+    order = torch.randperm(len(retain_index), generator=torch.Generator().manual_seed(seed + 1))
+    for k in order[:n_false].tolist():
+        labelled[retain_index[k]] = True
+    return labelled.tolist()
 
 
 @dataclass
@@ -143,7 +182,9 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         tokenizer: ``"bpe"`` (train one on the training stories) or a tokenizer JSON path (``.gz`` allowed).
         bpe_vocab_size: vocabulary size of the trained BPE.
         forget_words: a story is a forget story if it mentions one of these as a whole word (any case).
-        oversight: fraction of training forget stories that carry a forget label (seeded by ``seed``).
+        oversight: fraction of training forget stories that carry a forget label (label recall; seeded by ``seed``).
+        precision: fraction of the labelled training stories that are forget stories; below 1, retain stories
+            are labelled forget too (false positives, seeded by ``seed``; see :func:`label_noise`).
         drop_labelled_forget: leave labelled forget stories out of training (the data-filtering baseline).
         labels: ``"frequency"`` per-token soft labels (ERA) or ``"document"`` per-story labels (DEMix).
         truncate_chars: cut every story to this many characters before classifying and tokenising.
@@ -168,6 +209,7 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         bpe_vocab_size: int = 4096,
         forget_words: Sequence[str] = PAPER_FORGET_WORDS,
         oversight: float = 1.0,
+        precision: float = 1.0,
         drop_labelled_forget: bool = False,
         labels: Literal["frequency", "document"] = "frequency",
         truncate_chars: int = 1029,
@@ -186,6 +228,8 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         super().__init__()
         if not 0 <= oversight <= 1:
             raise ValueError(f"TinyStoriesDataModule: oversight must be in [0, 1], got {oversight}")
+        if isinstance(precision, bool) or not isinstance(precision, (int, float)) or not 0 < precision <= 1:
+            raise ValueError(f"TinyStoriesDataModule: precision must be in (0, 1], got {precision!r}")
         if labels not in ("frequency", "document"):
             raise ValueError(f"TinyStoriesDataModule: labels must be 'frequency' or 'document', got {labels!r}")
         for name in (
@@ -280,7 +324,7 @@ class TinyStoriesDataModule(pl.LightningDataModule):
                 f"TinyStoriesDataModule: the held-out stories have {len(forget_held)} forget / {len(retain_held)} "
                 f"retain; need {need_forget} / {hp.num_val_stories} (lower num_val_stories or num_attack_stories)"
             )
-        train_labelled = partial_oversight(train_forget, hp.oversight, seed=hp.seed).tolist()
+        train_labelled = label_noise(train_forget, hp.oversight, hp.precision, seed=hp.seed)
         retain_ids = [ids for ids, f in zip(train_ids, train_forget) if not f]
         forget_ids = [ids for ids, f in zip(train_ids, train_forget) if f]
         n_coherence = hp.num_coherence_stories + hp.num_coherence_val_stories
@@ -407,10 +451,12 @@ class TinyStoriesDataModule(pl.LightningDataModule):
     def summary(self) -> dict[str, Any]:
         """Counts of the story sets (for results.json and the README)."""
         splits = self._require_splits()
+        flags = list(zip(splits.train_forget, splits.train_labelled))
         return {
             "train_stories": len(splits.train),
             "train_forget_stories": sum(splits.train_forget),
-            "train_labelled_forget_stories": sum(splits.train_labelled),
+            "train_labelled_forget_stories": sum(f and lab for f, lab in flags),
+            "train_labelled_retain_stories": sum(lab and not f for f, lab in flags),
             "retain_val_stories": len(splits.retain_val),
             "forget_val_stories": len(splits.forget_val),
             "attack_pool_stories": len(splits.attack_pool),

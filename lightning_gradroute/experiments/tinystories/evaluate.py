@@ -3,17 +3,23 @@ coherence fine-tune, retraining attack, ``results.json``.
 
 Per method (the paper's §3.2-3.4):
 
-============== ===================================== ================ ==========================
-method         "ablate" step                          coherence        retraining attack
-============== ===================================== ================ ==========================
-era            the routing callback contracts the     yes              yes
-               expanded units (its ``on_fit_end``)
-demix          keep the retain expert of every layer  yes              yes
-rmu            RMU on the trained (plain) model        no               yes
-data_filtering none (labelled forget data was          no               yes
-               never trained on)
-base           none                                    no               yes (reference)
-============== ===================================== ================ ==========================
+=============== ===================================== ================ ==========================
+method          "ablate" step                          coherence        retraining attack
+=============== ===================================== ================ ==========================
+era             the routing callback contracts the     yes              yes
+                expanded units (its ``on_fit_end``)
+param_routing   zero the units only forget data may    yes              yes
+                change (parameter routing without an
+                expansion, SGTM-style; ``dedicated.py``)
+demix           keep the retain expert of every layer  yes              yes
+rmu             RMU on the trained (plain) model        no               yes
+data_filtering  none (labelled forget data was          no               yes
+                never trained on)
+token_filtering none (labelled forget tokens never      no               yes
+                added to the loss; the model's
+                ``token_filter_threshold``)
+base            none                                    no               yes (reference)
+=============== ===================================== ================ ==========================
 
 Losses are measured on the held-out retain and forget stories of :class:`TinyStoriesDataModule` at each
 stage (``pre_ablation`` right after training, ``post_ablation``, ``final`` after the coherence fine-tune):
@@ -21,9 +27,15 @@ stage (``pre_ablation`` right after training, ``post_ablation``, ``final`` after
 diagnostic of ours, the loss on the forget stories' tokens weighted by how forget-characteristic each is
 (``1 - w``, the routing weight), which isolates the concept from the ordinary English around it. The
 attack fine-tunes the final model on ``attack_stories`` forget stories drawn (per seed) from the held-out
-attack pool, as one batch, and records the seed-averaged forget and retain loss after every step; the
-"robust" forget loss is the lowest point of that curve (step 0 included). Unlike the paper's script the attack
-never stops early, so its lowest loss is at most the paper's for the same runs.
+attack pool, as one batch, and records the seed-averaged losses (``attack_metrics``) after every
+``attack_eval_every``-th step; the "robust" forget loss is the lowest point of that curve (step 0 included).
+Unlike the paper's script the attack never stops early, so its lowest loss is at most the paper's for the same
+runs. With several learning rates (``attack_lr`` a list, an attacker's sweep) every rate runs from the same
+weights and the robust forget loss is the lowest over all of them; the curves of each rate are kept, so the
+steps the attack needs to reach a reference loss (SGTM's steps to recover) can be read off afterwards.
+
+With ``log_grad_norms=True`` on the routing callback, the mean over training steps of each logged gradient norm
+(``gradroute/grad_norm/<target>/<label>/<units>``) is copied into ``results.json`` (``grad_norms``).
 """
 
 from __future__ import annotations
@@ -42,16 +54,21 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retain_forget_loss, retraining_attack
+from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retraining_attack, steps_to_recover
 from lightning_gradroute.evaluation.losses import evaluation_mode, model_device
 from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule
+from lightning_gradroute.experiments.tinystories.dedicated import zero_dedicated_units
 from lightning_gradroute.experiments.tinystories.demix import keep_retain_experts
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
 from lightning_gradroute.experiments.tinystories.rmu import RMU
 
-__all__ = ["METHODS", "UnlearningEvaluation", "forget_token_loss", "token_mean_loss"]
+__all__ = ["LOSSES", "METHODS", "UnlearningEvaluation", "forget_token_loss", "recovery_steps", "token_mean_loss"]
 
-METHODS = ("era", "demix", "rmu", "data_filtering", "base")
+METHODS = ("era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base")
+Method = Literal["era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base"]
+#: The held-out losses the pipeline measures (``forget_tokens``: see :func:`forget_token_loss`).
+LOSSES = ("retain", "forget", "forget_tokens")
+_GRAD_NORM_PREFIX = "gradroute/grad_norm/"
 
 
 def token_mean_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
@@ -77,6 +94,16 @@ def forget_token_loss(model: nn.Module, batches: list[dict[str, Tensor]], forget
     return total / weight
 
 
+def recovery_steps(attack: dict[str, Any], target_loss: float) -> int | None:
+    """Steps to recover (SGTM's metric) from the ``attack`` entry of a ``results.json``: the fewest attack steps
+    after which some learning rate's seed-averaged forget loss is at or below ``target_loss`` (in practice plain
+    training's forget loss); ``None`` if no rate gets there within the attack (the attack's length is the cap)."""
+    found = [
+        steps_to_recover(a["curves"]["forget"], target_loss, attack["eval_steps"]) for a in attack["by_lr"].values()
+    ]
+    return min((s for s in found if s is not None), default=None)
+
+
 class UnlearningEvaluation(pl.Callback):
     """Run the unlearning evaluation of ``method`` when ``fit`` ends and write ``results.json`` to the log dir.
 
@@ -89,15 +116,20 @@ class UnlearningEvaluation(pl.Callback):
         trainer.fit(TinyStoriesLM(...), TinyStoriesDataModule(...))   # then read <log_dir>/results.json
 
     Args:
-        method: one of ``era``, ``demix``, ``rmu``, ``data_filtering``, ``base`` (see the module docstring).
+        method: one of :data:`METHODS` (see the module docstring).
         coherence_steps: coherence fine-tune steps on the data module's ``coherence_train`` stories (one batch),
             keeping the best weights on ``coherence_val``; the paper runs 41 for ERA and DEMix. Ignored for the
-            other methods.
+            methods without an ablation step.
         coherence_lr: its AdamW learning rate (the paper: 5e-5, betas (0.9, 0.95), weight decay 0.1).
         attack_steps: retraining-attack steps per seed (the paper: 40).
-        attack_lr: its AdamW learning rate (the paper: 5e-5, weight decay 0.01).
+        attack_lr: its AdamW learning rate (the paper: 5e-5, weight decay 0.01), or a list of rates to sweep.
         attack_stories: forget stories per attack, drawn from the attack pool for each seed (the paper: 64).
+        attack_batch_size: split them into batches of this many, one per step, cycled; None: one batch (the
+            paper's).
         attack_seeds: how many attacks to average (the paper: 5).
+        attack_eval_every: evaluate the attacked model after every this many steps (and the last).
+        attack_metrics: the held-out losses evaluated during the attack (a subset of :data:`LOSSES` with
+            ``"forget"``; fewer is faster).
         eval_batch_size: batch size of the held-out evaluations.
         rmu: the RMU settings (``method="rmu"`` only; default :class:`RMU` ()).
         results_file: file name under the trainer's log dir.
@@ -105,13 +137,16 @@ class UnlearningEvaluation(pl.Callback):
 
     def __init__(
         self,
-        method: Literal["era", "demix", "rmu", "data_filtering", "base"] = "era",
+        method: Method = "era",
         coherence_steps: int = 41,
         coherence_lr: float = 5e-5,
         attack_steps: int = 40,
-        attack_lr: float = 5e-5,
+        attack_lr: float | list[float] = 5e-5,
         attack_stories: int = 64,
+        attack_batch_size: int | None = None,
         attack_seeds: int = 5,
+        attack_eval_every: int = 1,
+        attack_metrics: list[str] | tuple[str, ...] = LOSSES,
         eval_batch_size: int = 128,
         rmu: RMU | None = None,
         results_file: str = "results.json",
@@ -124,21 +159,36 @@ class UnlearningEvaluation(pl.Callback):
         for name, value in (
             ("attack_stories", attack_stories),
             ("attack_seeds", attack_seeds),
+            ("attack_eval_every", attack_eval_every),
+            ("attack_batch_size", attack_batch_size or 1),
             ("eval_batch_size", eval_batch_size),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"UnlearningEvaluation: {name} must be a positive int, got {value!r}")
+        lrs = list(attack_lr) if isinstance(attack_lr, (list, tuple)) else [attack_lr]
+        if not lrs or len(set(lrs)) != len(lrs) or not all(isinstance(lr, (int, float)) and lr > 0 for lr in lrs):
+            raise ValueError(
+                f"UnlearningEvaluation: attack_lr must be a positive number or distinct ones, got {attack_lr}"
+            )
+        if "forget" not in attack_metrics or not set(attack_metrics) <= set(LOSSES):
+            raise ValueError(
+                f"UnlearningEvaluation: attack_metrics must include 'forget' and be among {LOSSES}, got "
+                f"{attack_metrics}"
+            )
         if rmu is not None and method != "rmu":
             raise ValueError(f"UnlearningEvaluation: rmu settings given for method {method!r}; they need method='rmu'")
         self.method = method
-        self.coherence_steps = coherence_steps if method in ("era", "demix") else 0
+        self.coherence_steps = coherence_steps if method in ("era", "param_routing", "demix") else 0
         self.coherence_lr = coherence_lr
-        self.attack_steps, self.attack_lr = attack_steps, attack_lr
-        self.attack_stories, self.attack_seeds = attack_stories, attack_seeds
+        self.attack_steps, self.attack_lrs = attack_steps, lrs
+        self.attack_stories, self.attack_seeds, self.attack_batch_size = attack_stories, attack_seeds, attack_batch_size
+        self.attack_eval_every, self.attack_metrics = attack_eval_every, tuple(attack_metrics)
         self.eval_batch_size = eval_batch_size
         self.rmu = (rmu or RMU()) if method == "rmu" else None
         self.results_file = results_file
         self.results: dict[str, Any] = {}
+        self._routing: GradientRoutingCallback | None = None
+        self._grad_norms: dict[str, list[float]] = {}
         self._started = 0.0
         self._out_dir = Path(".")
 
@@ -153,14 +203,31 @@ class UnlearningEvaluation(pl.Callback):
             raise ValueError("UnlearningEvaluation: fit with a TinyStoriesDataModule (it provides the held-out sets)")
         routing = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, GradientRoutingCallback)]
         mine = trainer.callbacks.index(self)
-        if self.method == "era" and not routing:
-            raise ValueError("UnlearningEvaluation(method='era'): add a GradientRoutingCallback to the trainer")
+        routed = self.method in ("era", "param_routing")
+        if routed and not routing:
+            raise ValueError(
+                f"UnlearningEvaluation(method={self.method!r}): add a GradientRoutingCallback to the trainer"
+            )
         if routing and routing[0] > mine:
             raise ValueError(
                 "UnlearningEvaluation: list it after the GradientRoutingCallback, whose ablation comes first"
             )
-        if routing and self.method != "era":
-            raise ValueError(f"UnlearningEvaluation(method={self.method!r}): the trainer routes gradients; use 'era'")
+        if routing and not routed:
+            raise ValueError(
+                f"UnlearningEvaluation(method={self.method!r}): the trainer routes gradients; use 'era' (with an "
+                "expansion) or 'param_routing'"
+            )
+        self._routing = trainer.callbacks[routing[0]] if routing else None  # type: ignore[assignment]
+        if self._routing is not None and bool(self._routing.expansions) != (self.method == "era"):
+            raise ValueError(
+                f"UnlearningEvaluation(method={self.method!r}): 'era' needs the routing callback's expansions (it "
+                "contracts them), 'param_routing' routes without one (it zeroes the units only forget data trains)"
+            )
+        if (self.method == "token_filtering") != (pl_module.hparams.token_filter_threshold is not None):
+            raise ValueError(
+                f"UnlearningEvaluation(method={self.method!r}) needs a model with token_filter_threshold "
+                f"{'set' if self.method == 'token_filtering' else 'None'}"
+            )
         if (self.method == "demix") != pl_module.is_demix:
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}) needs a model with demix={self.method == 'demix'}"
@@ -184,16 +251,32 @@ class UnlearningEvaluation(pl.Callback):
         forget = list(dm.batches(self._stories(trainer, dm.splits.forget_val), self.eval_batch_size, forget=True))
         return retain, forget
 
-    def _losses(self, trainer: pl.Trainer, model: nn.Module) -> dict[str, float]:
+    def _losses(self, trainer: pl.Trainer, model: nn.Module, which: tuple[str, ...] = LOSSES) -> dict[str, float]:
         retain, forget = self._held_out(trainer)
-        losses = retain_forget_loss(model, token_mean_loss, retain, forget)
-        token_weights = trainer.datamodule.token_weights  # type: ignore[attr-defined]
-        losses["forget_tokens"] = forget_token_loss(model, forget, 1 - token_weights)
+        losses = {}
+        if "retain" in which:
+            losses["retain"] = mean_loss(model, retain, token_mean_loss)
+        losses["forget"] = mean_loss(model, forget, token_mean_loss)
+        if "forget_tokens" in which:
+            token_weights = trainer.datamodule.token_weights  # type: ignore[attr-defined]
+            losses["forget_tokens"] = forget_token_loss(model, forget, 1 - token_weights)
         return losses
 
     # ------------------------------------------------------------------ stages
     @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._collect_grad_norms(trainer)  # the previous step's
+
+    def _collect_grad_norms(self, trainer: pl.Trainer) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith(_GRAD_NORM_PREFIX):
+                self._grad_norms.setdefault(key.removeprefix(_GRAD_NORM_PREFIX), []).append(float(value))
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._collect_grad_norms(trainer)  # the last step's
         if trainer.is_global_zero:
             self.results = {"pre_ablation": self._losses(trainer, pl_module)}
             self.results["train_seconds"] = round(time.perf_counter() - self._started, 1)
@@ -210,6 +293,9 @@ class UnlearningEvaluation(pl.Callback):
         results = self.results
         if self.method == "demix":
             results["experts_removed"] = keep_retain_experts(pl_module)
+        if self.method == "param_routing":
+            assert self._routing is not None
+            results["units_zeroed"] = zero_dedicated_units(self._routing.router)
         if self.method == "rmu":
             assert self.rmu is not None
             labelled = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if lab]
@@ -244,28 +330,43 @@ class UnlearningEvaluation(pl.Callback):
         pool = dm.splits.attack_pool
         size = min(self.attack_stories, len(self._stories(trainer, pool)))
 
-        def attack_batch(seed: int) -> dict[str, Tensor]:
-            return next(dm.batches(random.Random(seed).sample(pool, size), size, forget=True))
+        def attack_batches(seed: int) -> list[dict[str, Tensor]]:
+            return list(dm.batches(random.Random(seed).sample(pool, size), self.attack_batch_size or size, forget=True))
 
-        attack = retraining_attack(
-            pl_module,
-            token_mean_loss,
-            attack_batch,
-            eval_fn=lambda m: self._losses(trainer, m),
-            steps=1 if quick else self.attack_steps,
-            lr=self.attack_lr,
-            seeds=range(1 if quick else self.attack_seeds),
-        )
+        by_lr = {}
+        for lr in self.attack_lrs:
+            attack = retraining_attack(
+                pl_module,
+                token_mean_loss,
+                attack_batches,
+                eval_fn=lambda m: self._losses(trainer, m, self.attack_metrics),
+                steps=1 if quick else self.attack_steps,
+                lr=lr,
+                seeds=range(1 if quick else self.attack_seeds),
+                eval_every=1 if quick else self.attack_eval_every,
+            )
+            by_lr[lr] = attack
+        best = min(self.attack_lrs, key=lambda lr: by_lr[lr].lowest_loss)
         results["attack"] = {
             "stories": size,
-            "lowest_forget": attack.lowest_loss,
-            "lowest_step": attack.lowest_step,
-            "curves": attack.curves,
+            "lowest_forget": by_lr[best].lowest_loss,
+            "lowest_step": by_lr[best].lowest_step,
+            "lowest_lr": best,
+            "curves": by_lr[best].curves,
+            "eval_steps": by_lr[best].eval_steps,
+            "by_lr": {
+                str(lr): {"lowest_forget": a.lowest_loss, "lowest_step": a.lowest_step, "curves": a.curves}
+                for lr, a in by_lr.items()
+            },
         }
+        if self._grad_norms:
+            results["grad_norms"] = {k: sum(v) / len(v) for k, v in sorted(self._grad_norms.items())}
         results.update(
             method=self.method,
             oversight=dm.hparams.oversight,
+            precision=dm.hparams.precision,
             data=dm.summary(),
+            model={k: pl_module.hparams[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
             parameters=sum(p.numel() for p in pl_module.parameters()),
             steps_trained=trainer.global_step,
             evaluation_seconds=round(time.perf_counter() - started, 1),

@@ -15,6 +15,14 @@ Optional pieces, each from the paper:
   matched modules, taken *before* any routing hook (so its gradient is not routed);
 * ``demix=True``: every MLP becomes a retain / forget expert pair (the DEMix baseline, see ``demix.py``); each
   story's expert is chosen by its per-story ``route_labels``.
+
+And two that are not:
+
+* ``token_filter_threshold``: the token-filtering baseline (Rathi & Radford 2026, arXiv 2601.21571): in training,
+  a predicted token whose forget label (``route_labels``, hard or soft) is at least the threshold adds nothing to
+  the loss; it still serves as context for the tokens after it;
+* ``routed_optimizer=True``: :class:`~lightning_gradroute.RoutedAdamW` instead of ``torch.optim.AdamW``, for
+  parameter routing (units a step's data may not change keep their value and optimizer state exactly).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing_extensions import override
 
 from lightning_gradroute.experiments.tinystories.demix import DEMixMLP, add_demix_experts, demix_experts
 from lightning_gradroute.mixin import GradientRoutingMixin
+from lightning_gradroute.optim import RoutedAdamW
 from lightning_gradroute.targets import Target, resolve_modules
 
 __all__ = ["TinyStoriesLM", "gpt_neo_config", "next_token_losses"]
@@ -103,6 +112,10 @@ class TinyStoriesLM(GradientRoutingMixin, pl.LightningModule):
         l1_coeff: weight of the L1 activation penalty (the paper: 1e-4); 0 disables it.
         l1_modules: the modules whose outputs the L1 penalty reads (glob relative to this module).
         demix: make every MLP a DEMix retain / forget expert pair.
+        token_filter_threshold: token filtering: training tokens whose forget label is at least this get no loss
+            (in (0, 1]; 1 drops exactly the tokens labelled forget); None trains on every token.
+        routed_optimizer: use :class:`~lightning_gradroute.RoutedAdamW` (same settings); pair it with parameter
+            routes. Without any, it steps exactly as AdamW.
     """
 
     def __init__(
@@ -123,6 +136,8 @@ class TinyStoriesLM(GradientRoutingMixin, pl.LightningModule):
         l1_coeff: float = 0.0,
         l1_modules: str = "model.transformer.h.*.mlp.act",
         demix: bool = False,
+        token_filter_threshold: float | None = None,
+        routed_optimizer: bool = False,
     ) -> None:
         super().__init__()
         if hidden_size % num_heads:
@@ -131,6 +146,10 @@ class TinyStoriesLM(GradientRoutingMixin, pl.LightningModule):
             raise ValueError(
                 f"TinyStoriesLM: need l1_coeff >= 0, lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1; got "
                 f"{l1_coeff}, {lr}, {warmup_steps}, {min_lr_ratio}"
+            )
+        if token_filter_threshold is not None and not 0 < token_filter_threshold <= 1:
+            raise ValueError(
+                f"TinyStoriesLM: token_filter_threshold must be in (0, 1] or None, got {token_filter_threshold}"
             )
         self.save_hyperparameters()
         config = gpt_neo_config(
@@ -198,7 +217,11 @@ class TinyStoriesLM(GradientRoutingMixin, pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         self._l1_terms.clear()
         losses, valid = self.token_losses(batch)
-        loss = self.routed_loss(losses, batch["route_labels"], valid=valid)
+        labels = batch["route_labels"]
+        if self.hparams.token_filter_threshold is not None:
+            forget = labels if labels.dim() == 2 else labels[:, None].expand_as(valid)
+            valid = valid & (forget < self.hparams.token_filter_threshold)
+        loss = self.routed_loss(losses, labels, valid=valid)
         if self._l1_terms:
             l1 = torch.stack(self._l1_terms).sum() / losses.numel()
             self._l1_terms.clear()
@@ -225,7 +248,8 @@ class TinyStoriesLM(GradientRoutingMixin, pl.LightningModule):
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        adamw = RoutedAdamW if hp.routed_optimizer else torch.optim.AdamW
+        optimizer = adamw(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
 
         def schedule(step: int) -> float:
