@@ -8,11 +8,14 @@ retraining attack, against oversight; one line per method, plain training as a d
     python benchmarks/tinystories_sweep.py                                 # quick CPU recipes, p in {0, 0.5, 1}
     python benchmarks/tinystories_sweep.py --oversight 0 0.25 0.5 0.75 1 --seeds 0 1
     python benchmarks/tinystories_sweep.py --set --trainer.max_steps=800   # extra CLI arguments for every run
+    python benchmarks/tinystories_sweep.py --methods token_filtering base --oversight 0.5 1 --seeds 0 1 --merge
 
 Runs whose ``results.json`` already exists are not repeated (delete ``--runs-dir`` to start over). Plain
 training does not depend on oversight, so it runs once per seed. RMU needs labelled forget stories, so it
 skips oversight 0. Outputs: ``<out>/tinystories_sweep.md``, ``<out>/tinystories_sweep.png``,
-``<out>/tinystories_sweep.json``.
+``<out>/tinystories_sweep.json``. ``--merge`` adds the rows of this invocation to those already in
+``<out>/tinystories_sweep.json`` (replacing rows of the same method and oversight), so a method can be added to a
+committed table without re-running the others; the scale line then names both commands.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -29,8 +33,15 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("era", "data_filtering", "rmu", "demix", "base")
-LABELS = {"era": "ERA", "data_filtering": "Data filtering", "rmu": "RMU", "demix": "DEMix", "base": "Plain training"}
+METHODS = ("era", "data_filtering", "token_filtering", "rmu", "demix", "base")
+LABELS = {
+    "era": "ERA",
+    "data_filtering": "Data filtering",
+    "token_filtering": "Token filtering",
+    "rmu": "RMU",
+    "demix": "DEMix",
+    "base": "Plain training",
+}
 METRICS = (
     ("retain", "Retain loss", lambda r: r["final"]["retain"]),
     ("forget", "Forget loss", lambda r: r["final"]["forget"]),
@@ -40,35 +51,34 @@ METRICS = (
 )
 
 
-def run_one(
-    method: str, oversight: float, seed: int, runs_dir: Path, extra: list[str], recipes: Path
-) -> dict[str, Any]:
-    """Run (or reuse) one recipe and return its results.json."""
-    run_dir = runs_dir / f"{method}_p{oversight:g}_s{seed}"
+def run_recipe(configs: list[Path], run_dir: Path, arguments: list[str]) -> dict[str, Any]:
+    """Run (or reuse) ``gradroute fit --config <configs...> <arguments>`` in ``run_dir`` (no logger) and return its
+    results.json; the command and its output go to ``run_dir/log.txt``."""
     results = run_dir / "results.json"
     if not results.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "lightning_gradroute.cli",
-            "fit",
-            "--config",
-            str(recipes / f"{method}.yaml"),
-            f"--seed_everything={seed}",
-            f"--data.init_args.seed={seed}",
-            f"--data.init_args.oversight={oversight}",
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.logger=false",
-            *extra,
-        ]
+        command = [sys.executable, "-m", "lightning_gradroute.cli", "fit"]
+        command += [arg for config in configs for arg in ("--config", str(config))]
+        command += [*arguments, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false"]
         started = time.perf_counter()
         with open(run_dir / "log.txt", "w") as log:
             log.write(" ".join(command) + "\n")
             log.flush()
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        print(f"{method:15s} p={oversight:<5g} seed={seed}: {time.perf_counter() - started:6.1f} s", flush=True)
+        print(f"{run_dir.name}: {time.perf_counter() - started:6.1f} s", flush=True)
     return json.loads(results.read_text())
+
+
+def run_one(
+    method: str, oversight: float, seed: int, runs_dir: Path, extra: list[str], recipes: Path
+) -> dict[str, Any]:
+    """Run (or reuse) one recipe and return its results.json."""
+    arguments = [
+        f"--seed_everything={seed}",
+        f"--data.init_args.seed={seed}",
+        f"--data.init_args.oversight={oversight}",
+    ]
+    return run_recipe([recipes / f"{method}.yaml"], runs_dir / f"{method}_p{oversight:g}_s{seed}", arguments + extra)
 
 
 def summarise(values: list[float]) -> tuple[float, float]:
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", type=Path, default=ROOT / "recipes" / "tinystories")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "tinystories_sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--merge", action="store_true", help="add these rows to those in <out>/tinystories_sweep.json")
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra gradroute CLI arguments, last")
     args = parser.parse_args(argv)
     for p in args.oversight:
@@ -223,9 +234,18 @@ def main(argv: list[str] | None = None) -> None:
         "evaluation in all (shared 2-core CPU, one thread per run)."
     )
     command = "python benchmarks/tinystories_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    saved, table_path = args.out / "tinystories_sweep.json", args.out / "tinystories_sweep.md"
+    if args.merge and saved.exists():
+        previous = json.loads(saved.read_text())
+        new = {(row["method"], row["oversight"]) for row in rows}
+        rows = [r for r in previous["rows"] if (r["method"], r["oversight"]) not in new] + rows
+        rows.sort(key=lambda row: (METHODS.index(row["method"]), row["oversight"]))
+        scale = f"{previous['scale']} Merged with `{command.strip()}`: {scale}"
+        first = previous.get("command") or re.search(r"^Command: `(.+)`$", table_path.read_text(), re.M).group(1)
+        command = f"{first}, then {command.strip()}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tinystories_sweep.md").write_text(table(rows, scale, command.strip()))
-    (args.out / "tinystories_sweep.json").write_text(json.dumps({"scale": scale, "rows": rows}, indent=2))
+    table_path.write_text(table(rows, scale, command.strip()))
+    saved.write_text(json.dumps({"scale": scale, "command": command.strip(), "rows": rows}, indent=2))
     plot(rows, args.out / "tinystories_sweep.png", scale)
     print(table(rows, scale, command.strip()))
 

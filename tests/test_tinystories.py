@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import trainer_kwargs
 
-from lightning_gradroute import GradientRoutingCallback, Route, Target
+from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
 from lightning_gradroute.evaluation import mean_loss, retraining_attack
 from lightning_gradroute.expansion import Expansion
 from lightning_gradroute.experiments.tinystories.data import (
@@ -238,12 +238,24 @@ def era_routing(add: int = 8) -> GradientRoutingCallback:
     )
 
 
+def param_routing() -> GradientRoutingCallback:
+    """SGTM-style: forget tokens may change only MLP neurons 96: of the tiny model, retain tokens all others."""
+    mlp = "model.transformer.h.*.mlp"
+    targets = {
+        "up": ParameterTarget(f"{mlp}.c_fc.weight", dim=0),
+        "up_bias": ParameterTarget(f"{mlp}.c_fc.bias"),
+        "down": ParameterTarget(f"{mlp}.c_proj.weight", dim=1),
+    }
+    routes = [Route(label, t, {units: 0.0}) for t in targets for label, units in (("forget", ":96"), ("retain", "96:"))]
+    return GradientRoutingCallback(targets, routes, save_ablated=False)
+
+
 def fit_method(method: str, tmp_path: Path, **trainer_args: Any) -> tuple[dict[str, Any], TinyStoriesLM]:
     """A few steps of ``method`` on a tiny model, then the whole evaluation pipeline; returns results.json."""
     pl.seed_everything(0)
     data = TinyStoriesDataModule(
         **SMALL_DATA,
-        labels="frequency" if method == "era" else "document",
+        labels="frequency" if method in ("era", "param_routing", "token_filtering") else "document",
         drop_labelled_forget=method == "data_filtering",
         oversight=0.5,
     )
@@ -254,6 +266,8 @@ def fit_method(method: str, tmp_path: Path, **trainer_args: Any) -> tuple[dict[s
         l1_modules="model.transformer.h.0.mlp.act",
         lr=3e-3,
         warmup_steps=1,
+        token_filter_threshold=0.5 if method == "token_filtering" else None,
+        routed_optimizer=method == "param_routing",
     )
     evaluation = UnlearningEvaluation(
         method,
@@ -266,7 +280,8 @@ def fit_method(method: str, tmp_path: Path, **trainer_args: Any) -> tuple[dict[s
         eval_batch_size=8,
         rmu=RMU(steps=2) if method == "rmu" else None,
     )
-    callbacks = [era_routing(), evaluation] if method == "era" else [evaluation]
+    routing = {"era": era_routing, "param_routing": param_routing}.get(method)
+    callbacks = [routing(), evaluation] if routing else [evaluation]
     trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=callbacks, **trainer_args))
     trainer.fit(lm, data)
     return json.loads((tmp_path / "results.json").read_text()), lm
@@ -284,9 +299,9 @@ def test_each_method_runs_train_ablate_finetune_attack(method: str, tmp_path: Pa
     assert attack["stories"] == 4 and {len(c) for c in attack["curves"].values()} == {3}
     assert attack["curves"]["forget"][0] == pytest.approx(results["final"]["forget"])
     assert attack["lowest_forget"] == min(attack["curves"]["forget"])
-    assert ("coherence" in results) == (method in ("era", "demix"))
+    assert ("coherence" in results) == (method in ("era", "param_routing", "demix"))
     changed = results["post_ablation"] != results["pre_ablation"]
-    assert changed == (method in ("era", "demix", "rmu")), "only these methods change the model after training"
+    assert changed == (method in ("era", "param_routing", "demix", "rmu")), "only these change the model after training"
     mlp = lm.model.transformer.h[0].mlp
     assert not lm.is_demix and mlp.c_fc.out_features == 4 * TINY_MODEL["hidden_size"]  # ablated architecture
     if method == "data_filtering":
@@ -295,6 +310,14 @@ def test_each_method_runs_train_ablate_finetune_attack(method: str, tmp_path: Pa
         assert results["rmu"]["layer"] == 0 and results["rmu"]["steps"] == 2
     if method == "demix":
         assert results["experts_removed"] == 2
+    if method == "param_routing":
+        assert results["units_zeroed"] == {
+            f"model.transformer.h.{i}.mlp.{name}": 32
+            for i in (0, 1)
+            for name in ("c_fc.weight", "c_fc.bias", "c_proj.weight")
+        }
+        # zero input weights, bias and output weights get zero gradient: the coherence fine-tune cannot regrow them
+        assert not mlp.c_fc.weight[96:].any() and not mlp.c_fc.bias[96:].any() and not mlp.c_proj.weight[:, 96:].any()
 
 
 @pytest.mark.timeout(120)
