@@ -27,7 +27,7 @@ stage (``pre_ablation`` right after training, ``post_ablation``, ``final`` after
 diagnostic of ours, the loss on the forget stories' tokens weighted by how forget-characteristic each is
 (``1 - w``, the routing weight), which isolates the concept from the ordinary English around it. The
 attack fine-tunes the final model on ``attack_stories`` forget stories drawn (per seed) from the held-out
-attack pool, as one batch, and records the seed-averaged losses (``attack_metrics``) after every
+attack pool, as one batch (or cycled batches of ``attack_batch_size``), and records the seed-averaged losses (``attack_metrics``) after every
 ``attack_eval_every``-th step; the "robust" forget loss is the lowest point of that curve (step 0 included).
 Unlike the paper's script the attack never stops early, so its lowest loss is at most the paper's for the same
 runs. With several learning rates (``attack_lr`` a list, an attacker's sweep) every rate runs from the same
