@@ -102,14 +102,14 @@ def collect(runs: dict[tuple[str, float], dict[int, dict[str, Any]]]) -> list[di
     return rows
 
 
+def report_header(title: str, command: str, scale: str) -> list[str]:
+    """The first lines of a sweep's markdown report: title, the command that produced it, the scale."""
+    return [f"# {title}", "", f"Command: `{command}`", "", f"Scale: {scale}", ""]
+
+
 def table(rows: list[dict[str, Any]], scale: str, command: str) -> str:
     lines = [
-        "# TinyStories unlearning sweep (CPU scale)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Scale: {scale}",
-        "",
+        *report_header("TinyStories unlearning sweep (CPU scale)", command, scale),
         (
             "Losses are mean next-token cross-entropy (nats) on the held-out retain and forget stories after the "
             "method's full pipeline (ERA: contract + coherence fine-tune; DEMix: keep retain experts + coherence "

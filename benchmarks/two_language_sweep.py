@@ -10,7 +10,7 @@ training does not depend on recall and runs once per seed; it is the reference o
   forget loss is at or below plain training's forget loss (same seed); runs that do not get there within the
   attack count as the attack's length (a lower bound), and the table says how many did.
 
-    python benchmarks/two_language_sweep.py                               # 6 methods x recall {0.1, 0.25, 0.5, 1}
+    python benchmarks/two_language_sweep.py                               # 7 recipes x recall {0.1, 0.25, 0.5, 1}
     python benchmarks/two_language_sweep.py --methods plain sgtm --recall 0.5 --seeds 0
 
 Runs whose ``results.json`` already exists are not repeated (delete ``--runs-dir`` to start over). Outputs:
@@ -28,13 +28,13 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from tinystories_sweep import run_recipe, summarise
+from tinystories_sweep import report_header, run_recipe, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lightning_gradroute.experiments.tinystories.evaluate import recovery_steps  # noqa: E402
 
-METHODS = ("plain", "data_filtering", "token_filtering", "era_activation", "sgtm", "era_parameter")
+METHODS = ("plain", "data_filtering", "token_filtering", "era_activation", "sgtm", "era_parameter", "sgtm_unmasked")
 LABELS = {
     "plain": "Plain training",
     "data_filtering": "Data filtering",
@@ -42,6 +42,7 @@ LABELS = {
     "era_activation": "ERA, activation routing",
     "sgtm": "Parameter routing (SGTM-style)",
     "era_parameter": "ERA, parameter routing",
+    "sgtm_unmasked": "Parameter routing, no retain mask",
 }
 #: (key, column title, how to read it from one run's results and plain training's of the same seed)
 METRICS = (
@@ -81,12 +82,7 @@ def collect(runs: dict[tuple[str, float], dict[int, dict[str, Any]]]) -> list[di
 
 def table(rows: list[dict[str, Any]], scale: str, command: str) -> str:
     lines = [
-        "# Two-language unlearning sweep (CPU scale)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Scale: {scale}",
-        "",
+        *report_header("Two-language unlearning sweep (CPU scale)", command, scale),
         (
             "Retain = English, forget = Russian. Losses are mean next-token cross-entropy (nats) on the held-out "
             "English and Russian stories; 'before' / 'after ablation' bracket the method's removal step (contract "
