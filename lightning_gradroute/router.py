@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -269,6 +270,12 @@ class RoutedSite:
         return None
 
 
+def _alias_parameter(
+    mode: ParameterRoutingMode, routed: RoutedParameter, attribute: str, module: nn.Module, args: Any
+) -> None:
+    mode.alias(getattr(module, attribute), routed)
+
+
 class GradientRouter:
     """Routes gradients of chosen activations, or of chosen parameters, by per-example or per-token labels.
 
@@ -407,6 +414,12 @@ class GradientRouter:
             raise ValueError(f"GradientRouter: parameter {twice[0]!r} is matched by two parameter targets")
         for routed in parameters:
             routed.register()
+        if parameters:
+            self._mode = ParameterRoutingMode(parameters, lambda: self._labels)
+            for routed in parameters:  # see ParameterRoutingMode.alias: what the owner holds during its forward
+                owner, attribute = routed.owner_and_attribute
+                hook = functools.partial(_alias_parameter, self._mode, routed, attribute)
+                self._handles.append(model.get_submodule(owner).register_forward_pre_hook(hook))
         for site, module in sites:
             if site.target.site == "output":
                 handle = module.register_forward_hook(site.output_hook)
@@ -415,8 +428,6 @@ class GradientRouter:
             self._handles.append(handle)
         self.sites = [site for site, _ in sites]
         self.parameters = parameters
-        if parameters:
-            self._mode = ParameterRoutingMode({id(p.param): p for p in parameters}, lambda: self._labels)
         self.coverage_checked = False
         return self
 
