@@ -350,6 +350,8 @@ def run_recipe(tmp_path: Path, recipe: str, *extra: str) -> Path:
             "16",
             "--data.init_args.eval_envs",
             "16",
+            "--data.init_args.test_envs",
+            "64",
             *extra,
         ]
     )
@@ -402,9 +404,9 @@ def fit_routed(directory: Path, devices: int) -> tuple[GridworldPolicyGradient, 
     routing = GradientRoutingCallback(router.targets, router.routes, router.label_names)
     torch.manual_seed(0)
     model = GridworldPolicyGradient(hidden_size=16, lr=1e-2)
-    data = GridworldEnvironment(oversight_prob=0.5, num_envs=16, rollout_steps=12, eval_envs=16, env_seed=7)
+    data = GridworldEnvironment(oversight_prob=0.5, num_envs=16, rollout_steps=12, eval_envs=16, test_envs=16, env_seed=7)
     distributed = dict(strategy="ddp_spawn", devices=2) if devices == 2 else {}
-    callbacks = [routing, GridworldReport(eval_envs=16), SaveRankState(directory)]
+    callbacks = [routing, GridworldReport(), SaveRankState(directory)]
     trainer = pl.Trainer(**trainer_kwargs(str(directory), max_steps=3, callbacks=callbacks, **distributed))
     trainer.fit(model, datamodule=data)
     return model, json.loads((directory / "results.json").read_text())

@@ -79,6 +79,7 @@ class GridworldEnvironment(pl.LightningDataModule):
         discount: return discount (the paper: 0.97).
         eval_envs: environments of each validation rollout, over all ranks: held-out episodes at the training
             oversight level, scored with the true reward (what early stopping monitors).
+        test_envs: environments of each final evaluation rollout (:class:`GridworldReport`, rank 0).
         env_seed: seed of the environments' counter-based generator; ``None`` draws one from torch's global
             generator (so ``seed_everything`` fixes it) and records it in ``hparams``.
     """
@@ -94,6 +95,7 @@ class GridworldEnvironment(pl.LightningDataModule):
         max_episode_steps: int = 32,
         discount: float = 0.97,
         eval_envs: int = 512,
+        test_envs: int = 2048,
         env_seed: int | None = None,
     ) -> None:
         super().__init__()
@@ -107,6 +109,7 @@ class GridworldEnvironment(pl.LightningDataModule):
             ("grid_size", grid_size, 2),
             ("max_episode_steps", max_episode_steps, 1),
             ("eval_envs", eval_envs, 1),
+            ("test_envs", test_envs, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"GridworldEnvironment: {name} must be an int >= {low}, got {value!r}")
@@ -138,11 +141,11 @@ class GridworldEnvironment(pl.LightningDataModule):
         hp = self.hparams
         return self.make_env(hp.eval_envs, hp.env_seed + _HOLDOUT_SEED_OFFSET, hp.oversight_prob, device)
 
-    def test_env(self, num_envs: int, oversight_prob: float, repeat: int, device: torch.device) -> GridWorld:
-        """Fresh test environments for a final evaluation, all of them in this process; ``repeat`` varies the seed."""
+    def test_env(self, oversight_prob: float, repeat: int, device: torch.device) -> GridWorld:
+        """``test_envs`` fresh environments for a final evaluation, all in this process; ``repeat`` varies the seed."""
         hp = self.hparams
         seed = hp.env_seed + _TEST_SEED_OFFSET + 1000 * repeat
-        return GridWorld(num_envs, hp.grid_size, hp.max_episode_steps, oversight_prob, seed, device=device)
+        return GridWorld(hp.test_envs, hp.grid_size, hp.max_episode_steps, oversight_prob, seed, device=device)
 
     @override
     def setup(self, stage: str) -> None:

@@ -55,24 +55,22 @@ class GridworldReport(Callback):
         trainer:
           callbacks:
             - class_path: lightning_gradroute.experiments.gridworld.GridworldReport
-              init_args: {weights: best, eval_envs: 2048}
+              init_args: {weights: best, repeats: 2}
 
     Args:
         weights: ``"last"`` evaluates the weights training ended with; ``"best"`` first loads the best
             checkpoint of the trainer's ``ModelCheckpoint`` (the early-stopping baselines: best held-out true
             return). Without a saved best checkpoint (e.g. ``fast_dev_run``) it warns and evaluates the last.
-        eval_envs: environments per evaluation rollout (``rollout_steps`` steps each), on rank 0.
-        repeats: independent rollouts (fresh environments, new seeds) per policy and condition, added up.
+        repeats: independent rollouts per policy and condition (each of the data module's ``test_envs`` fresh
+            environments for ``rollout_steps`` steps, a new seed each), added up. Evaluation runs on rank 0.
     """
 
-    def __init__(self, weights: Literal["last", "best"] = "last", eval_envs: int = 2048, repeats: int = 1) -> None:
+    def __init__(self, weights: Literal["last", "best"] = "last", repeats: int = 1) -> None:
         if weights not in ("last", "best"):
             raise ValueError(f"GridworldReport: weights must be 'last' or 'best', got {weights!r}")
-        for name, value in (("eval_envs", eval_envs), ("repeats", repeats)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GridworldReport: {name} must be a positive int, got {value!r}")
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"GridworldReport: repeats must be a positive int, got {repeats!r}")
         self.weights = weights
-        self.eval_envs = eval_envs
         self.repeats = repeats
         self.results: dict[str, Any] | None = None
         self._fit_started = 0.0
@@ -123,7 +121,7 @@ class GridworldReport(Callback):
                 "transitions": trainer.global_step * data.num_envs * data.rollout_steps,
                 "hidden_size": hp.hidden_size,
                 "lr": hp.lr,
-                "eval_transitions_per_condition": self.eval_envs * data.rollout_steps * self.repeats,
+                "eval_transitions_per_condition": data.test_envs * data.rollout_steps * self.repeats,
                 "world_size": trainer.world_size,
             },
             "oversight_used": {
@@ -167,7 +165,7 @@ class GridworldReport(Callback):
             results[name] = {}
             for condition, oversight in CONDITIONS.items():
                 prob = data.hparams.oversight_prob if oversight is None else oversight
-                envs = [data.test_env(self.eval_envs, prob, r, model.device) for r in range(self.repeats)]
+                envs = [data.test_env(prob, r, model.device) for r in range(self.repeats)]
                 sums = sum(evaluate_policy(model.policy, env, steps, discount, steer) for env in envs)
                 results[name][condition] = summarize(sums)
         return results
