@@ -157,9 +157,9 @@ def policy_map_figure(policy: nn.Module, grid_size: int, policies: Mapping[str, 
         else:
             rows, cols = np.mgrid[0:grid_size, 0:grid_size]
             for action in range(len(ACTION_NAMES)):
-                length = 0.45 * np.nan_to_num(values[..., action])
-                ax.quiver(cols, rows, dc[action] * length, -dr[action] * length, angles="xy", scale_units="xy",
-                          scale=1, width=0.012, color="black")
+                length = 0.45 * np.nan_to_num(values[..., action])  # rows grow downwards: dy = row step
+                ax.quiver(cols, rows, dc[action] * length, dr[action] * length, angles="xy", scale_units="xy",
+                          scale=1, width=0.015, color="black")
             for r in range(grid_size + 1):
                 ax.axhline(r - 0.5, color="0.85", lw=0.8)
                 ax.axvline(r - 0.5, color="0.85", lw=0.8)
