@@ -374,6 +374,9 @@ def test_routed_recipe_writes_results_figures_and_tensorboard(tmp_path: Path) ->
         assert full["unseen_diamond_rate"] == 0 == full["unseen_ghost_rate"]  # every terminal cell watched
         for stats in conditions.values():
             assert -1 <= stats["true_return"] <= 1 and stats["episodes"] > 0
+    curve = results["validation_curve"]  # validations after updates 2 and 4, every policy
+    assert [entry["update"] for entry in curve] == [2, 4]
+    assert set(curve[-1]) == {"update", "policy", "diamond_expert", "ghost_expert"}
     used = results["oversight_used"]
     assert used["training_episodes"] == sum(used["training_episodes_by_outcome"].values()) > 0
     assert used["holdout_episodes_scored"] > 0  # two validations ran

@@ -89,10 +89,12 @@ class GridworldPolicyGradient(pl.LightningModule):
         self.save_hyperparameters()
         self.policy = (MixturePolicy if policy == "mixture" else SingleExpertPolicy)(grid_size, hidden_size)
         self.value = ValueNetwork(grid_size, hidden_size)
-        # Per-rank counts of ended training episodes by Outcome, and held-out episodes scored by validation.
-        # Plain attributes, not buffers: DDP would overwrite buffers with rank 0's.
+        # Per-rank counts of ended training episodes by Outcome, held-out episodes scored by validation, and the
+        # validation results so far. Plain attributes, not buffers: DDP would overwrite buffers with rank 0's.
         self.episode_counts = torch.zeros(len(Outcome), dtype=torch.float64)
         self.holdout_episodes = 0.0
+        #: One entry per validation: ``{"update": n, "<policy>": {metric: value}}`` (the learning curve).
+        self.validation_curve: list[dict[str, Any]] = []
 
     @property
     def environment(self) -> GridworldEnvironment:
@@ -181,6 +183,7 @@ class GridworldPolicyGradient(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """True return and diamond / ghost rates of every evaluated policy on the data module's held-out episodes."""
         data = self.environment
+        entry: dict[str, Any] = {"update": self.global_step}
         for name, steer in evaluated_policies(self.policy).items():
             sums = evaluate_policy(
                 self.policy, data.holdout_env(self.device), data.hparams.rollout_steps, data.hparams.discount, steer
@@ -190,8 +193,11 @@ class GridworldPolicyGradient(pl.LightningModule):
             stats = summarize(sums)
             if name == "policy" and not self.trainer.sanity_checking:
                 self.holdout_episodes += stats["episodes"]
+            entry[name] = {key: stats[key] for key in VAL_METRICS}
             metrics = {f"val/{name}/{key}": stats[key] for key in VAL_METRICS}
             self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=1, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.validation_curve.append(entry)
 
     @override
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -4,7 +4,7 @@
 
 * ``results.json``: the method, the scale, which weights were evaluated (last, or best by the held-out true
   return), the oversight the run consumed (seen training episodes, held-out episodes scored with the ground
-  truth), and for each evaluated policy (the policy as trained; for a mixture also the diamond and ghost
+  truth), the validation results at every validation (the learning curve), and for each evaluated policy (the policy as trained; for a mixture also the diamond and ghost
   experts alone, by setting the gate) and each condition of
   :data:`~lightning_gradroute.experiments.gridworld.evaluate.CONDITIONS` the true return, diamond rate and
   ghost rate (also split into seen / unseen), episodes and mean episode length;
@@ -131,6 +131,7 @@ class GridworldReport(Callback):
                 "holdout_episodes_scored": pl_module.holdout_episodes,
             },
             "evaluation": evaluation,
+            "validation_curve": pl_module.validation_curve,
             "train_seconds": train_seconds,
             "evaluation_seconds": time.perf_counter() - started,
         }
