@@ -24,11 +24,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from recipe_run import fit_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The paper's oversight levels (bulk_runs.py runs 0.03 too; its figure script, analyze_oversight_levels.py, drops it).
@@ -48,16 +49,11 @@ def run_one(method: str, p: float, seed: int, updates: int, args: argparse.Names
     run_dir = args.runs_dir / f"{method}_p{p:g}_s{seed}"
     results_path = run_dir / "results.json"
     if not results_path.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
         steps = max(1, round(p * updates)) if method == "oracle" else updates
         overrides = [f"--trainer.max_steps={steps}", f"--seed_everything={seed}"]
         if method != "oracle":  # the oracle sees every episode (oversight 1, its recipe's setting)
             overrides.append(f"--data.init_args.oversight_prob={p}")
-        command = [
-            sys.executable,
-            "-m",
-            "lightning_gradroute.cli",
-            "fit",
+        cli_args = [
             "--config",
             str(args.recipes / f"{method}{args.recipe_suffix}.yaml"),
             *overrides,
@@ -68,14 +64,10 @@ def run_one(method: str, p: float, seed: int, updates: int, args: argparse.Names
             "--trainer.enable_progress_bar=false",
             *args.set,
         ]
-        started = time.perf_counter()
-        with open(run_dir / "log.txt", "w") as log:
-            log.write(" ".join(command) + "\n")
-            log.flush()
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        seconds = fit_logged(cli_args, run_dir)
         (run_dir / "results.json").write_text((run_dir / "run" / "version_0" / "results.json").read_text())
-        (run_dir / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
-        print(f"{method:22s} p={p:<6g} seed={seed}: {time.perf_counter() - started:6.1f} s", flush=True)
+        (run_dir / "wall_seconds.txt").write_text(f"{seconds:.1f}\n")
+        print(f"{method:22s} p={p:<6g} seed={seed}: {seconds:6.1f} s", flush=True)
     result = json.loads(results_path.read_text())
     result["wall_seconds"] = float((run_dir / "wall_seconds.txt").read_text())
     return result
