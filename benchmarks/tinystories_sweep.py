@@ -21,12 +21,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
+
+from recipe_run import fit_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("era", "data_filtering", "rmu", "demix", "base")
@@ -47,27 +47,20 @@ def run_one(
     run_dir = runs_dir / f"{method}_p{oversight:g}_s{seed}"
     results = run_dir / "results.json"
     if not results.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "lightning_gradroute.cli",
-            "fit",
-            "--config",
-            str(recipes / f"{method}.yaml"),
-            f"--seed_everything={seed}",
-            f"--data.init_args.seed={seed}",
-            f"--data.init_args.oversight={oversight}",
-            f"--trainer.default_root_dir={run_dir}",
-            "--trainer.logger=false",
-            *extra,
-        ]
-        started = time.perf_counter()
-        with open(run_dir / "log.txt", "w") as log:
-            log.write(" ".join(command) + "\n")
-            log.flush()
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        print(f"{method:15s} p={oversight:<5g} seed={seed}: {time.perf_counter() - started:6.1f} s", flush=True)
+        seconds = fit_logged(
+            [
+                "--config",
+                str(recipes / f"{method}.yaml"),
+                f"--seed_everything={seed}",
+                f"--data.init_args.seed={seed}",
+                f"--data.init_args.oversight={oversight}",
+                f"--trainer.default_root_dir={run_dir}",
+                "--trainer.logger=false",
+                *extra,
+            ],
+            run_dir,
+        )
+        print(f"{method:15s} p={oversight:<5g} seed={seed}: {seconds:6.1f} s", flush=True)
     return json.loads(results.read_text())
 
 
