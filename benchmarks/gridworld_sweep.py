@@ -25,7 +25,6 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 

@@ -360,6 +360,11 @@ class GradientRouter:
         self._mode: ParameterRoutingMode | None = None
         self._mode_entered = False
 
+    @property
+    def parameter_targets(self) -> list[str]:
+        """The names of the parameter targets (routed inside backward rather than by hooks)."""
+        return [name for name, target in self.targets.items() if isinstance(target, ParameterTarget)]
+
     # ------------------------------------------------------------------ hooks
     @property
     def is_attached(self) -> bool:

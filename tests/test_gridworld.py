@@ -27,7 +27,6 @@ from lightning_gradroute.experiments.gridworld import (
     MixturePolicy,
     Outcome,
     SingleExpertPolicy,
-    collect_rollout,
     counter_uniform,
     discounted_returns,
     episode_outcomes,
@@ -408,7 +407,9 @@ def fit_routed(directory: Path, devices: int) -> tuple[GridworldPolicyGradient, 
     routing = GradientRoutingCallback(router.targets, router.routes, router.label_names)
     torch.manual_seed(0)
     model = GridworldPolicyGradient(hidden_size=16, lr=1e-2)
-    data = GridworldEnvironment(oversight_prob=0.5, num_envs=16, rollout_steps=12, eval_envs=16, test_envs=16, env_seed=7)
+    data = GridworldEnvironment(
+        oversight_prob=0.5, num_envs=16, rollout_steps=12, eval_envs=16, test_envs=16, env_seed=7
+    )
     distributed = dict(strategy="ddp_spawn", devices=2) if devices == 2 else {}
     callbacks = [routing, GridworldReport(), SaveRankState(directory)]
     trainer = pl.Trainer(**trainer_kwargs(str(directory), max_steps=3, callbacks=callbacks, **distributed))

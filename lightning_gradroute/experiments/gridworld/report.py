@@ -4,8 +4,9 @@
 
 * ``results.json``: the method, the scale, which weights were evaluated (last, or best by the held-out true
   return), the oversight the run consumed (seen training episodes, held-out episodes scored with the ground
-  truth), the validation results at every validation (the learning curve), and for each evaluated policy (the policy as trained; for a mixture also the diamond and ghost
-  experts alone, by setting the gate) and each condition of
+  truth), the validation results at every validation (the learning curve), and for each evaluated policy
+  (the policy as trained; for a mixture also the diamond and ghost experts alone, by setting the gate) and each
+  condition of
   :data:`~lightning_gradroute.experiments.gridworld.evaluate.CONDITIONS` the true return, diamond rate and
   ghost rate (also split into seen / unseen), episodes and mean episode length;
 * ``gridworld_policy_map.png`` (action probabilities on a fixed layout; the gate for a mixture) and
