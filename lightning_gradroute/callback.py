@@ -307,8 +307,8 @@ class GradientRoutingCallback(Callback):
         if self.ablate is None or expansion_record(pl_module) is None:
             return
         phase = ablate(pl_module, self.ablate)
-        if self.ablated_dir is not None and trainer.is_global_zero:
-            save_ablated(pl_module, self.ablated_dir, hf=phase is Phase.CONTRACTED)
+        if self.ablated_dir is not None:  # every rank: gathering a sharded model is a collective
+            save_ablated(pl_module, self.ablated_dir, hf=phase is Phase.CONTRACTED, write=trainer.is_global_zero)
             rank_zero_info(f"ablated ({phase.value}) weights saved to {self.ablated_dir}")
 
     @override
