@@ -26,7 +26,7 @@ from lightning_gradroute.era import (
     write_checkpoint,
 )
 from lightning_gradroute.expansion import Expansion, expand
-from lightning_gradroute.labels import BatchKey, LabelSource
+from lightning_gradroute.labels import BatchKey, LabelSource, label_counts
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
 from lightning_gradroute.targets import ParameterTarget, Route, Target
@@ -270,11 +270,7 @@ class GradientRoutingCallback(Callback):
     ) -> None:
         labels = self.router.set_labels(self.label_source(batch))
         self.steps_routed += 1
-        if labels.is_floating_point():
-            second = labels.sum(dtype=torch.float64)
-            counts = torch.stack([labels.numel() - second, second])
-        else:
-            counts = torch.bincount(labels.flatten(), minlength=len(self.router.label_names)).double()
+        counts = label_counts(labels, len(self.router.label_names))
         self._label_totals = self._label_totals.to(counts.device) + counts
 
     @override

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_gradroute.grad import label_mask, table_rows
-from lightning_gradroute.labels import label_membership
+from lightning_gradroute.labels import label_counts, label_membership
 from lightning_gradroute.targets import (
     ParameterTarget,
     Route,
@@ -200,7 +200,7 @@ def _weighted(
     """``combine(item_weights)`` (a gradient; ``combine`` may overwrite the weights it is given), recording the
     allowed units and, if kept, each label's share."""
     # Hard labels: a unit is allowed where a label present in the batch has a nonzero weight (no pass over items).
-    present = None if labels.is_floating_point() else torch.bincount(labels, minlength=route.num_labels) > 0
+    present = None if labels.is_floating_point() else label_counts(labels, route.num_labels) > 0
     if not route.keep_label_grads:
         weights = route.item_weights(labels, dtype)
         allowed = (weights != 0).any(0) if present is None else ((route.table != 0) & present[:, None]).any(0)
@@ -309,9 +309,8 @@ def _row_weighted(
     """Embedding rows routed: item ``i`` reads row ``ids_i``, so its weight is entry ``ids_i`` of its row."""
     membership = label_membership(labels, route.num_labels).to(grad.dtype)  # (items, labels)
     shares = membership * route.table.to(grad.dtype)[:, ids].t()  # (items, labels): label l's share per item
-    touched = torch.zeros(route.num_labels, route.param.shape[0], dtype=torch.bool, device=grad.device)
-    for label in range(route.num_labels):
-        touched[label, ids[shares[:, label] != 0]] = True
+    reads = torch.zeros(route.num_labels, route.param.shape[0], dtype=grad.dtype, device=grad.device)
+    touched = reads.index_add_(1, ids, (shares != 0).to(grad.dtype).t()) > 0  # rows read with a nonzero weight
     if not route.keep_label_grads:
         route.record(touched.any(0), None)
         return scatter(grad * shares.sum(1, keepdim=True))

@@ -359,6 +359,7 @@ class GradientRouter:
         self._labels: Tensor | None = None
         self._mode: ParameterRoutingMode | None = None
         self._mode_entered = False
+        self._labels_checked = False
 
     @property
     def parameter_targets(self) -> list[str]:
@@ -433,7 +434,7 @@ class GradientRouter:
             self._handles.append(handle)
         self.sites = [site for site, _ in sites]
         self.parameters = parameters
-        self.coverage_checked = False
+        self.coverage_checked = self._labels_checked = False
         return self
 
     def detach(self) -> None:
@@ -465,7 +466,11 @@ class GradientRouter:
     def set_labels(self, labels: Tensor) -> Tensor:
         """Validate and hold ``labels`` for every routed forward (and recomputation) until :meth:`clear_labels`;
         with parameter targets, enter the :class:`~lightning_gradroute.param_routing.ParameterRoutingMode`."""
-        self._labels = check_labels(labels, self.label_names)
+        # The first batch after attach is checked in full (clear errors); later ones on accelerators with a
+        # device-side assertion, so that no step waits for the device.
+        full = None if self._labels_checked else True
+        self._labels = check_labels(labels, self.label_names, full=full)
+        self._labels_checked = True
         if self._mode is not None and not self._mode_entered:
             self._mode.__enter__()
             self._mode_entered = True

@@ -73,3 +73,55 @@ def test_parameter_routing_and_expansions_are_refused_where_untested(strategy: o
     with pytest.raises(ValueError, match=r"expansions are not supported"):
         routing(expansions=True)._check_strategy(trainer)  # type: ignore[arg-type]
     routing()._check_strategy(trainer)  # type: ignore[arg-type]  # activation targets alone: any strategy
+
+
+# Aten ops that make the host wait for an accelerator (value reads, data-dependent output sizes).
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "unique", "_unique2", "unique_dim"}
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+def test_a_routed_step_after_the_first_makes_no_host_device_sync(monkeypatch: pytest.MonkeyPatch, soft: bool) -> None:
+    """Run the steps as on an accelerator (the label checks' sync decision patched) and record every aten op of
+    the second step: none of them may read a value on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lightning_gradroute import GradientRouter
+    from lightning_gradroute.labels import label_counts
+
+    class RecordOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(func._overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr("lightning_gradroute.labels.syncs_are_costly", lambda tensor: True)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 4), torch.nn.Linear(4, 6), torch.nn.GELU(), torch.nn.Linear(6, 3))
+    router = GradientRouter(
+        {"act": Target("2"), "w": ParameterTarget("1.weight"), "emb": ParameterTarget("0.weight", dim=0)},
+        [Route("forget", "act", {"0:3": -0.5}), Route("forget", "w", {"3:": 0.0}), Route("forget", "emb", {":2": 0.0})],
+    )
+
+    def step(labels: torch.Tensor) -> None:
+        with router.route(labels):
+            model(torch.randint(0, 7, (2, 5))).pow(2).sum().backward()
+        label_counts(router.current_labels if router.current_labels is not None else labels, 2)
+
+    draw = (lambda: torch.rand(2, 5)) if soft else (lambda: torch.randint(0, 2, (2, 5)))
+    with router.attached(model):
+        step(draw())  # the first batch: full checks (clear errors), allowed to sync
+        with RecordOps() as recorded:
+            step(draw())
+    assert recorded.ops and not SYNC_OPS.intersection(recorded.ops), sorted(SYNC_OPS.intersection(recorded.ops))
+
+
+def test_device_side_label_checks_still_stop_bad_labels() -> None:
+    from lightning_gradroute.labels import check_labels
+
+    with pytest.raises(RuntimeError, match=r"routing labels must be valid indices 0..1"):
+        check_labels(torch.tensor([0, 2]), ["retain", "forget"], full=False)  # on the CPU it raises at once
+    with pytest.raises(RuntimeError, match=r"soft routing labels must lie in \[0, 1\]"):
+        check_labels(torch.tensor([0.5, 1.5]), ["retain", "forget"], full=False)
