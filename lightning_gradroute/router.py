@@ -259,7 +259,10 @@ class RoutedSite:
         """Why this site routed nothing in the batches since attach, or ``None`` if it was called, routed and
         reached by a gradient."""
         if self.calls == 0:
-            return f"{self.where} was never called while routing (a container, or a module the step does not use)"
+            return (
+                f"{self.where} was never called while routing (a container, a module the step does not use, or a "
+                "torch.compile graph reused from a hook-less instance: see the README on torch.compile)"
+            )
         if self.routed == 0:
             return (
                 f"{self.where} was called but its value never required grad (input data, frozen layers upstream, "
