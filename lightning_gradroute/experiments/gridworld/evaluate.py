@@ -30,6 +30,7 @@ __all__ = [
     "evaluate_policy",
     "evaluated_policies",
     "outcome_figure",
+    "policy_map",
     "policy_map_figure",
     "summarize",
 ]

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["STEERING", "MixturePolicy", "PolicyOutput", "SingleExpertPolicy", "ValueNetwork", "zero_biases"]
+__all__ = ["STEERING", "MixturePolicy", "PolicyOutput", "SingleExpertPolicy", "ValueNetwork", "expert", "zero_biases"]
 
 NUM_ACTIONS = 4
 Steer = Literal["diamond", "ghost"]

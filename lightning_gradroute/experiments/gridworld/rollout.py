@@ -20,7 +20,16 @@ from torch import Tensor
 
 from lightning_gradroute.experiments.gridworld.env import GridWorld
 
-__all__ = ["REWARDS", "Reward", "Rollout", "collect_rollout", "discounted_returns", "episode_outcomes", "rewards"]
+__all__ = [
+    "REWARDS",
+    "Reward",
+    "Rollout",
+    "collect_rollout",
+    "discounted_returns",
+    "episode_outcomes",
+    "rewards",
+    "sample_actions",
+]
 
 #: Reward functions, on the step where an episode ends (every other step pays 0):
 #:
