@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).parent / "scripts" / "model_parallel_fit.py"
 
 @pytest.mark.timeout(400)
 def test_fsdp2_on_two_processes_equals_one_process_and_saves_full_ablated_weights(tmp_path: Path) -> None:
-    """Activation routing, parameter routing, an ERA expansion and RoutedAdamW under FSDP2 (each rank holds half
+    """Activation routing, parameter routing, an ERA expansion and RoutedSGD under FSDP2 (each rank holds half
     of every parameter), with different labels per rank, against one unsharded process on the same global
     batches; the contracted model is gathered and saved as full tensors with the original keys."""
     for processes in (1, 2):
@@ -37,7 +37,7 @@ def test_fsdp2_on_two_processes_equals_one_process_and_saves_full_ablated_weight
         "embed.weight", "head.bias", "head.weight", "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight"
     ]  # fmt: skip
     for name, value in single.items():
-        torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def routing(parameters: bool = False, expansions: bool = False) -> GradientRoutingCallback:
@@ -125,3 +125,59 @@ def test_device_side_label_checks_still_stop_bad_labels() -> None:
         check_labels(torch.tensor([0, 2]), ["retain", "forget"], full=False)  # on the CPU it raises at once
     with pytest.raises(RuntimeError, match=r"soft routing labels must lie in \[0, 1\]"):
         check_labels(torch.tensor([0.5, 1.5]), ["retain", "forget"], full=False)
+
+
+def _sharded_adamw_step(rank: int, store_path: str, out_path: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_gradroute import RoutedAdamW
+    from lightning_gradroute.param_routing import RoutedParameter
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        full, grad = adamw_case()
+        param = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
+        param.grad = distribute_tensor(grad, mesh, [Shard(0)])
+        route = RoutedParameter(["retain", "forget"], "w", ParameterTarget("w"), "w", param, torch.ones(2, 6))
+        route.register()
+        allowed = torch.tensor([True, False, True, True, False, False]) if rank == 0 else torch.zeros(6, dtype=bool)
+        route.record(allowed, None)  # rank 1 saw no item allowed anywhere: the OR over ranks decides
+        RoutedAdamW([param], lr=0.1, weight_decay=0.1).step()
+        route.unregister()
+        value = param.full_tensor()
+        if rank == 0:
+            torch.save(value, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def adamw_case() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(6, 3, generator=gen), torch.randn(6, 3, generator=gen)
+
+
+@pytest.mark.timeout(120)
+def test_routed_adamw_on_fsdp2_shards_equals_the_unsharded_step(tmp_path: Path) -> None:
+    """Rows 0:3 live on rank 0, rows 3:6 on rank 1: the allowed units are OR-reduced, then cut to each shard."""
+    import torch.multiprocessing as mp
+
+    from lightning_gradroute import RoutedAdamW
+    from lightning_gradroute.param_routing import RoutedParameter
+
+    mp.spawn(_sharded_adamw_step, args=(str(tmp_path / "store"), str(tmp_path / "out.pt")), nprocs=2)
+    full, grad = adamw_case()
+    param = torch.nn.Parameter(full.clone())
+    param.grad = grad.clone()
+    route = RoutedParameter(["retain", "forget"], "w", ParameterTarget("w"), "w", param, torch.ones(2, 6))
+    route.register()
+    try:
+        route.record(torch.tensor([True, False, True, True, False, False]), None)
+        RoutedAdamW([param], lr=0.1, weight_decay=0.1).step()
+    finally:
+        route.unregister()
+    sharded = torch.load(tmp_path / "out.pt")
+    assert torch.equal(sharded, param.detach())  # the same elementwise ops on the same values
+    assert torch.equal(sharded[[1, 4, 5]], full[[1, 4, 5]]) and not torch.equal(sharded[[0, 2, 3]], full[[0, 2, 3]])
