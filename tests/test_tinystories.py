@@ -14,6 +14,7 @@ from helpers import trainer_kwargs
 from lightning_gradroute import GradientRoutingCallback, Route, Target
 from lightning_gradroute.evaluation import mean_loss, retraining_attack
 from lightning_gradroute.expansion import Expansion
+from lightning_gradroute.experiments.causal_lm import next_token_losses, token_mean_loss, weighted_token_loss
 from lightning_gradroute.experiments.tinystories.data import (
     EOS_TEXT,
     PAPER_FORGET_WORDS,
@@ -22,13 +23,8 @@ from lightning_gradroute.experiments.tinystories.data import (
     read_stories,
 )
 from lightning_gradroute.experiments.tinystories.demix import DEMixMLP, demix_experts, keep_retain_experts
-from lightning_gradroute.experiments.tinystories.evaluate import (
-    METHODS,
-    UnlearningEvaluation,
-    forget_token_loss,
-    token_mean_loss,
-)
-from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM, next_token_losses
+from lightning_gradroute.experiments.tinystories.evaluate import METHODS, UnlearningEvaluation
+from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
 from lightning_gradroute.experiments.tinystories.rmu import RMU
 from lightning_gradroute.text_labels import keyword_regex
 
@@ -339,12 +335,12 @@ def test_forget_token_loss_weights_tokens_by_their_routing_weight(dm: TinyStorie
         losses, valid = lm.token_losses(batch)
     s = forget_weights[batch["input_ids"][:, 1:]] * valid
     expected = float((losses * s).sum() / s.sum())
-    assert forget_token_loss(lm, [batch], forget_weights) == pytest.approx(expected, rel=1e-5)
+    assert weighted_token_loss(lm, [batch], forget_weights) == pytest.approx(expected, rel=1e-5)
     # only routed tokens count: a weight table routing nothing but " tree" scores only those positions
     only_tree = torch.zeros_like(forget_weights)
     only_tree[tree] = 1.0
     hits = (batch["input_ids"][:, 1:] == tree) & valid
-    assert forget_token_loss(lm, [batch], only_tree) == pytest.approx(float(losses[hits].mean()), rel=1e-5)
+    assert weighted_token_loss(lm, [batch], only_tree) == pytest.approx(float(losses[hits].mean()), rel=1e-5)
 
 
 def test_evaluation_rejects_bad_setups(tmp_path: Path) -> None:
