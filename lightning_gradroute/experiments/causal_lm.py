@@ -11,7 +11,7 @@ Optional: an L1 penalty on MLP activations, ``l1_coeff * sum|a| / (B * T)`` summ
 gated MLP is the input of ``down_proj``), read *before* any routing hook so its gradient is not routed (the
 paper's setting).
 
-:func:`token_mean_loss` and :func:`weighted_token_loss` are the evaluation losses of such a model.
+:func:`token_mean_loss` and :func:`weighted_token_losses` are the evaluation losses of such a model.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from lightning_gradroute.evaluation.losses import evaluation_mode, model_device
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.targets import Target, resolve_modules
 
-__all__ = ["CausalLM", "next_token_losses", "token_mean_loss", "weighted_token_loss"]
+__all__ = ["CausalLM", "next_token_losses", "token_mean_loss", "weighted_token_losses"]
 
 
 def next_token_losses(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -214,27 +214,41 @@ def token_mean_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     return (losses * valid).sum() / valid.sum().clamp_min(1)
 
 
-def weighted_token_loss(model: nn.Module, batches: Iterable[Mapping[str, Tensor]], token_weights: Tensor) -> float:
-    """The loss of a :class:`CausalLM` averaged over the real target tokens of ``batches``, each weighted by
-    ``token_weights[target]`` (a ``(vocab_size,)`` table): a weighted mean over all tokens of all batches.
+def weighted_token_losses(
+    model: nn.Module, batches: Iterable[Mapping[str, Tensor]], token_weights: Mapping[str, Tensor]
+) -> dict[str, float]:
+    """Weighted token-average losses of a :class:`CausalLM` over ``batches``, one per ``(vocab_size,)`` table.
 
-    With the soft routing labels ``1 - w`` it is the loss on forget-characteristic tokens; with 1 everywhere but 0
-    on a set of tokens it is the loss on every token *except* those (a proper masked mean, unlike a per-token loss
-    multiplied by 0 and averaged over all tokens).
+    For each named table, every real target token of every batch counts with weight ``table[target]``: the
+    result is ``sum(weight * loss) / sum(weight)`` over all of them (one forward pass serves every table). With
+    the soft routing labels ``1 - w`` it is the loss on forget-characteristic tokens; with 1 everywhere but 0 on a
+    token set it is the loss on every token *except* those, a proper masked mean (not a per-token loss multiplied
+    by 0 and averaged over all tokens).
+
+    Example::
+
+        routed = torch.zeros(vocab_size); routed[token_ids] = 1
+        weighted_token_losses(lm, forget_batches, {"routed": routed, "unrouted": 1 - routed})
 
     Raises:
-        ValueError: no target token has a positive weight.
+        ValueError: no table, or a table that gives no target token a positive weight.
     """
     if not isinstance(model, CausalLM):
-        raise TypeError(f"weighted_token_loss: expected a CausalLM, got {type(model).__name__}")
-    total = weight = 0.0
+        raise TypeError(f"weighted_token_losses: expected a CausalLM, got {type(model).__name__}")
+    if not token_weights:
+        raise ValueError("weighted_token_losses: no weight tables given")
+    totals = dict.fromkeys(token_weights, 0.0)
+    weights = dict.fromkeys(token_weights, 0.0)
     with evaluation_mode(model):
         for batch in batches:
             batch = move_data_to_device(batch, model_device(model))
             losses, valid = model.token_losses(batch)
-            weights = token_weights.to(losses.device)[batch["input_ids"][:, 1:]] * valid
-            total += float((losses * weights).sum())
-            weight += float(weights.sum())
-    if weight == 0:
-        raise ValueError("weighted_token_loss: no target token with a positive weight in the batches")
-    return total / weight
+            targets = batch["input_ids"][:, 1:]
+            for name, table in token_weights.items():
+                weight = table.to(losses.device)[targets] * valid
+                totals[name] += float((losses * weight).sum())
+                weights[name] += float(weight.sum())
+    empty = [name for name, weight in weights.items() if weight == 0]
+    if empty:
+        raise ValueError(f"weighted_token_losses: table {empty[0]!r} gives no target token in the batches a weight")
+    return {name: totals[name] / weights[name] for name in token_weights}

@@ -42,7 +42,7 @@ from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retain_forget_loss, retraining_attack
-from lightning_gradroute.experiments.causal_lm import token_mean_loss, weighted_token_loss
+from lightning_gradroute.experiments.causal_lm import token_mean_loss, weighted_token_losses
 from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule
 from lightning_gradroute.experiments.tinystories.demix import keep_retain_experts
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
@@ -164,7 +164,7 @@ class UnlearningEvaluation(pl.Callback):
         retain, forget = self._held_out(trainer)
         losses = retain_forget_loss(model, token_mean_loss, retain, forget)
         token_weights = trainer.datamodule.token_weights  # type: ignore[attr-defined]
-        losses["forget_tokens"] = weighted_token_loss(model, forget, 1 - token_weights)
+        losses |= weighted_token_losses(model, forget, {"forget_tokens": 1 - token_weights})
         return losses
 
     # ------------------------------------------------------------------ stages
