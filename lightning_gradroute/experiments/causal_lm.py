@@ -11,13 +11,16 @@ Optional: an L1 penalty on MLP activations, ``l1_coeff * sum|a| / (B * T)`` summ
 gated MLP is the input of ``down_proj``), read *before* any routing hook so its gradient is not routed (the
 paper's setting).
 
-:func:`token_mean_loss` and :func:`weighted_token_losses` are the evaluation losses of such a model.
+:func:`token_mean_loss` and :func:`weighted_token_losses` are the evaluation losses of such a model,
+:func:`coherence_finetune_on_stories` its coherence fine-tune on a text data module's held-out stories.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -29,11 +32,19 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from lightning_gradroute.evaluation import FinetuneResult, coherence_finetune, mean_loss
 from lightning_gradroute.evaluation.losses import evaluation_mode, model_device
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.targets import Target, resolve_modules
 
-__all__ = ["CausalLM", "next_token_losses", "token_mean_loss", "weighted_token_losses"]
+__all__ = [
+    "CausalLM",
+    "CausalLMEvaluation",
+    "coherence_finetune_on_stories",
+    "next_token_losses",
+    "token_mean_loss",
+    "weighted_token_losses",
+]
 
 
 def next_token_losses(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -206,6 +217,39 @@ class CausalLM(GradientRoutingMixin, pl.LightningModule):
 
 
 # --------------------------------------------------------------------------------------------- evaluation
+class CausalLMEvaluation(pl.Callback):
+    """Base of the evaluations that run on a :class:`CausalLM` when ``fit`` ends and write ``results.json``.
+
+    ``setup("fit")`` checks that the model is a :class:`CausalLM`, calls :meth:`check` (subclasses raise there on
+    anything they cannot evaluate, before training starts) and resolves the log dir on every rank (under DDP
+    ``trainer.log_dir`` is a collective); :meth:`write_results` writes ``results.json`` there.
+    """
+
+    def __init__(self) -> None:
+        self.results: dict[str, Any] = {}
+        self.out_dir = Path(".")
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(pl_module, CausalLM):
+            raise ValueError(f"{type(self).__name__}: the model must be a CausalLM, got {type(pl_module).__name__}")
+        self.check(trainer, pl_module)
+        self.out_dir = Path(trainer.log_dir or trainer.default_root_dir)
+
+    def check(self, trainer: pl.Trainer, pl_module: CausalLM) -> None:
+        """Raise if this trainer, model or data module cannot be evaluated (nothing to check by default)."""
+
+    def write_results(self, results: dict[str, Any]) -> Path:
+        """Keep ``results`` and write them to ``<log dir>/results.json``; return the path."""
+        self.results = results
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "results.json"
+        path.write_text(json.dumps(results, indent=2))
+        return path
+
+
 def token_mean_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     """Mean next-token loss over the real tokens of ``batch``, for a :class:`CausalLM`."""
     if not isinstance(model, CausalLM):
@@ -252,3 +296,22 @@ def weighted_token_losses(
     if empty:
         raise ValueError(f"weighted_token_losses: table {empty[0]!r} gives no target token in the batches a weight")
     return {name: totals[name] / weights[name] for name in token_weights}
+
+
+def coherence_finetune_on_stories(
+    model: CausalLM, data: Any, steps: int, lr: float, eval_batch_size: int, limit: int | None = None
+) -> FinetuneResult:
+    """:func:`~lightning_gradroute.evaluation.coherence_finetune` of a :class:`CausalLM` on a text data module's
+    held-out sets: one batch of ``data.splits.coherence_train`` stories, keeping the step with the lowest token-mean
+    loss on ``data.splits.coherence_val`` (batched by ``data.batches``); ``limit`` caps both sets (smoke runs).
+    AdamW with ``lr``, betas (0.9, 0.95), weight decay 0.1; ``model`` ends with the best weights."""
+    train = data.splits.coherence_train[:limit]
+    validation = list(data.batches(data.splits.coherence_val[:limit], eval_batch_size))
+    return coherence_finetune(
+        model,
+        token_mean_loss,
+        next(data.batches(train, len(train))),
+        eval_fn=lambda m: mean_loss(m, validation, token_mean_loss),
+        steps=steps,
+        lr=lr,
+    )

@@ -172,26 +172,21 @@ class WebTextDataModule(StoryBatches, pl.LightningDataModule):
         super().__init__()
         if isinstance(route_tokens, str) or not route_tokens:
             raise ValueError(f"WebTextDataModule: route_tokens must be a non-empty list of texts, got {route_tokens!r}")
-        counts = {
-            "max_tokens": max_tokens,
-            "batch_size": batch_size,
-            "forget_copies": forget_copies,
-            "forget_every": forget_every,
-            "num_val_documents": num_val_documents,
+        minimum = {  # argument: (value, smallest allowed)
+            "max_tokens": (max_tokens, 2),
+            "batch_size": (batch_size, 1),
+            "forget_copies": (forget_copies, 1),
+            "forget_every": (forget_every, 1),
+            "num_val_documents": (num_val_documents, 1),
+            "num_retain_pool_documents": (num_retain_pool_documents, 0),
+            "num_coherence_documents": (num_coherence_documents, 0),
+            "num_coherence_val_documents": (num_coherence_val_documents, 0),
+            "num_forget_val_documents": (num_forget_val_documents, 0),
+            "num_attack_documents": (num_attack_documents, 0),
         }
-        for name, value in counts.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "max_tokens" else 1):
-                raise ValueError(f"WebTextDataModule: {name} must be a positive int, got {value!r}")
-        held_out = {
-            "num_retain_pool_documents": num_retain_pool_documents,
-            "num_coherence_documents": num_coherence_documents,
-            "num_coherence_val_documents": num_coherence_val_documents,
-            "num_forget_val_documents": num_forget_val_documents,
-            "num_attack_documents": num_attack_documents,
-        }
-        for name, value in held_out.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"WebTextDataModule: {name} must be an int >= 0, got {value!r}")
+        for name, (value, smallest) in minimum.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"WebTextDataModule: {name} must be an int >= {smallest}, got {value!r}")
         if forget_corpus is None and (num_forget_val_documents or num_attack_documents):
             raise ValueError("WebTextDataModule: num_forget_val_documents / num_attack_documents need a forget_corpus")
         if forget_corpus is not None and not Path(forget_corpus).is_file():

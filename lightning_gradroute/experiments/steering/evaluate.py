@@ -26,11 +26,9 @@ Everything lands in ``results.json`` under the log dir, beside the figure and th
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -45,7 +43,7 @@ from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.evaluation.losses import evaluation_mode
-from lightning_gradroute.experiments.causal_lm import CausalLM, weighted_token_losses
+from lightning_gradroute.experiments.causal_lm import CausalLM, CausalLMEvaluation, weighted_token_losses
 from lightning_gradroute.steering import steer
 
 __all__ = ["SteeringEvaluation", "plot_neighbours", "unembedding_cosines"]
@@ -77,7 +75,7 @@ def plot_neighbours(
     return figure
 
 
-class SteeringEvaluation(pl.Callback):
+class SteeringEvaluation(CausalLMEvaluation):
     """Nearest unembeddings of ``±e_dim`` and a steering measurement, when ``fit`` ends (see the module docstring).
 
     Needs a :class:`~lightning_gradroute.experiments.causal_lm.CausalLM` and a data module with ``tokenizer``,
@@ -124,6 +122,7 @@ class SteeringEvaluation(pl.Callback):
         eval_batch_size: int = 64,
         seed: int = 0,
     ) -> None:
+        super().__init__()
         for name, value in (
             ("num_neighbours", num_neighbours),
             ("num_samples", num_samples),
@@ -152,20 +151,13 @@ class SteeringEvaluation(pl.Callback):
         self.generation_batch, self.shown_samples = generation_batch, shown_samples
         self.eval_batch_size = eval_batch_size
         self.seed = seed
-        self.results: dict[str, Any] = {}
-        self._out_dir = Path(".")
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not isinstance(pl_module, CausalLM):
-            raise ValueError(f"SteeringEvaluation: the model must be a CausalLM, got {type(pl_module).__name__}")
+    def check(self, trainer: pl.Trainer, pl_module: CausalLM) -> None:
         for attribute in ("tokenizer", "splits", "batches"):
             if not hasattr(trainer.datamodule, attribute):
                 raise ValueError(f"SteeringEvaluation: the data module has no {attribute!r} (see the docstring)")
         pl_module.get_submodule(self.steer_module)  # fail now on a wrong name
-        self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
 
     # ------------------------------------------------------------------ pieces
     def _token(self, tokenizer: Any, text: str) -> int:
@@ -311,7 +303,7 @@ class SteeringEvaluation(pl.Callback):
                 setting["related"] = self._occurrences(samples, list(related.values()))
             settings.append(setting)
             shown[amount] = [tokenizer.decode(row.tolist()) for row in samples[: self.shown_samples]]
-        self.results = {
+        results = {
             "target": entry(target),
             "dim": self.dim,
             "target_side": "+" if sign > 0 else "-",
@@ -330,6 +322,7 @@ class SteeringEvaluation(pl.Callback):
             "steps_trained": trainer.global_step,
             "evaluation_seconds": round(time.perf_counter() - started, 1),
         }
+        self.write_results(results)
         self._write(trainer, neighbours, dict.fromkeys(related, "tab:orange") | {self.target_token: "tab:red"}, shown)
 
     def _write(
@@ -339,9 +332,7 @@ class SteeringEvaluation(pl.Callback):
         colors: dict[str, str],
         shown: dict[float, list[str]],
     ) -> None:
-        out = self._out_dir
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(self.results, indent=2))
+        out = self.out_dir
         pairs = {side: [(e["token"], e["cosine"]) for e in entries] for side, entries in neighbours.items()}
         figure = plot_neighbours(pairs["positive"], pairs["negative"], self.dim, colors)
         figure.savefig(out / "neighbours.png", dpi=120)

@@ -41,8 +41,12 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retain_forget_loss, retraining_attack
-from lightning_gradroute.experiments.causal_lm import token_mean_loss, weighted_token_losses
+from lightning_gradroute.evaluation import retain_forget_loss, retraining_attack
+from lightning_gradroute.experiments.causal_lm import (
+    coherence_finetune_on_stories,
+    token_mean_loss,
+    weighted_token_losses,
+)
 from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule
 from lightning_gradroute.experiments.tinystories.demix import keep_retain_experts
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
@@ -204,15 +208,9 @@ class UnlearningEvaluation(pl.Callback):
 
         steps = min(self.coherence_steps, 1) if quick else self.coherence_steps
         if steps:
-            coherence_val = list(dm.batches(self._stories(trainer, dm.splits.coherence_val), self.eval_batch_size))
-            coherence_train = self._stories(trainer, dm.splits.coherence_train)
-            coherence = coherence_finetune(
-                pl_module,
-                token_mean_loss,
-                next(dm.batches(coherence_train, len(coherence_train))),
-                eval_fn=lambda m: mean_loss(m, coherence_val, token_mean_loss),
-                steps=steps,
-                lr=self.coherence_lr,
+            limit = dm.hparams.batch_size if quick else None
+            coherence = coherence_finetune_on_stories(
+                pl_module, dm, steps, self.coherence_lr, self.eval_batch_size, limit
             )
             results["coherence"] = coherence.to_dict()
         results["final"] = self._losses(trainer, pl_module)

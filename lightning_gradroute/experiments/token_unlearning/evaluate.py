@@ -34,7 +34,6 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -44,8 +43,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retraining_attack
-from lightning_gradroute.experiments.causal_lm import CausalLM, token_mean_loss, weighted_token_losses
+from lightning_gradroute.evaluation import retraining_attack
+from lightning_gradroute.experiments.causal_lm import (
+    CausalLM,
+    CausalLMEvaluation,
+    coherence_finetune_on_stories,
+    token_mean_loss,
+    weighted_token_losses,
+)
 from lightning_gradroute.experiments.token_unlearning.ablation import ablate_neurons, ablated_weight_norm
 from lightning_gradroute.targets import Target, Units, resolve_modules
 
@@ -79,7 +84,7 @@ class RetrainingProtocol:
         return self.retain_examples == self.forget_examples
 
 
-class TokenUnlearningEvaluation(pl.Callback):
+class TokenUnlearningEvaluation(CausalLMEvaluation):
     """Ablate routed neurons, coherence fine-tune, retrain symmetrically, measure absorption (module docstring).
 
     Needs a :class:`~lightning_gradroute.experiments.causal_lm.CausalLM` and a data module with ``splits``
@@ -119,6 +124,7 @@ class TokenUnlearningEvaluation(pl.Callback):
         retrain_seeds: int = 3,
         eval_batch_size: int = 50,
     ) -> None:
+        super().__init__()
         Target(ablate_modules)  # the pattern rules and errors of targets
         for name, value, minimum in (
             ("coherence_steps", coherence_steps, 0),
@@ -135,15 +141,9 @@ class TokenUnlearningEvaluation(pl.Callback):
         self.protocols = list(protocols)
         self.retrain_lr, self.retrain_seeds = retrain_lr, retrain_seeds
         self.eval_batch_size = eval_batch_size
-        self.results: dict[str, Any] = {}
-        self._out_dir = Path(".")
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not isinstance(pl_module, CausalLM):
-            raise ValueError(f"TokenUnlearningEvaluation: the model must be a CausalLM, got {type(pl_module).__name__}")
+    def check(self, trainer: pl.Trainer, pl_module: CausalLM) -> None:
         dm = trainer.datamodule
         if not getattr(dm, "route_token_ids", None) or not hasattr(dm, "batches"):
             raise ValueError("TokenUnlearningEvaluation: the data module must route a token set (labels='tokens')")
@@ -162,7 +162,6 @@ class TokenUnlearningEvaluation(pl.Callback):
                         f"TokenUnlearningEvaluation: protocol {protocol.name!r} needs {need} stories of the data "
                         f"module's {what}, which has {len(pool)}"
                     )
-        self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank
 
     # ------------------------------------------------------------------ helpers
     def _stories(self, trainer: pl.Trainer, stories: list[list[int]]) -> list[list[int]]:
@@ -224,17 +223,11 @@ class TokenUnlearningEvaluation(pl.Callback):
         ablation = (pl_module, self.ablate_modules, self.ablate_neurons, self.preset)
         results["ablated_neurons"] = ablate_neurons(*ablation)
         results["post_ablation"] = self._losses(trainer, pl_module)
-        steps = min(self.coherence_steps, 1) if trainer.fast_dev_run else self.coherence_steps
+        quick = bool(trainer.fast_dev_run)
+        steps = min(self.coherence_steps, 1) if quick else self.coherence_steps
         if steps:
-            coherence_val = list(dm.batches(self._stories(trainer, dm.splits.coherence_val), self.eval_batch_size))
-            coherence_train = self._stories(trainer, dm.splits.coherence_train)
-            coherence = coherence_finetune(
-                pl_module,
-                token_mean_loss,
-                next(dm.batches(coherence_train, len(coherence_train))),
-                eval_fn=lambda m: mean_loss(m, coherence_val, token_mean_loss),
-                steps=steps,
-                lr=self.coherence_lr,
+            coherence = coherence_finetune_on_stories(
+                pl_module, dm, steps, self.coherence_lr, self.eval_batch_size, limit=4 if quick else None
             )
             results["coherence"] = coherence.to_dict()
         results["final"] = self._losses(trainer, pl_module)
@@ -249,10 +242,7 @@ class TokenUnlearningEvaluation(pl.Callback):
             steps_trained=trainer.global_step,
             evaluation_seconds=round(time.perf_counter() - started, 1),
         )
-        self.results = results
-        self._out_dir.mkdir(parents=True, exist_ok=True)
-        path = self._out_dir / "results.json"
-        path.write_text(json.dumps(results, indent=2))
+        path = self.write_results(results)
         rank_zero_info(f"token-routing unlearning results: {path}\n{json.dumps(results['absorption'], indent=1)}")
 
     @staticmethod
