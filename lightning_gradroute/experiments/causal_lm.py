@@ -120,16 +120,18 @@ class CausalLM(GradientRoutingMixin, pl.LightningModule):
         if not isinstance(model_type, str):
             raise ValueError(f"CausalLM: config needs a 'model_type' ('llama', 'qwen2', 'gpt_neo'...), got {config!r}")
         self.save_hyperparameters()
+        # Kept as attributes, not read back from hparams: LightningCLI sets a subclass's hparams to the subclass's
+        # own arguments, which need not include these.
+        self.lr, self.warmup_steps, self.min_lr_ratio = lr, warmup_steps, min_lr_ratio
+        self.betas, self.weight_decay = tuple(betas), weight_decay
+        self.l1_coeff = l1_coeff
+        self.l1_target = Target(l1_modules, site=l1_site) if l1_coeff else None
         hf_config = transformers.AutoConfig.for_model(model_type, **fields)
         self.model = transformers.AutoModelForCausalLM.from_config(hf_config)
-        if l1_coeff:
-            resolve_modules(self, self._l1_target, "l1_modules")  # fail now on a pattern that matches nothing
+        if self.l1_target is not None:
+            resolve_modules(self, self.l1_target, "l1_modules")  # fail now on a pattern that matches nothing
         self._l1_handles: list[RemovableHandle] = []
         self._l1_terms: list[Tensor] = []
-
-    @property
-    def _l1_target(self) -> Target:
-        return Target(self.hparams.l1_modules, site=self.hparams.l1_site)
 
     @override
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -144,9 +146,9 @@ class CausalLM(GradientRoutingMixin, pl.LightningModule):
     def on_fit_start(self) -> None:
         # After the routing callback's setup (which may have expanded the MLPs) and its hooks: prepend so the
         # penalty reads the activation before routing, as in the paper.
-        if self.hparams.l1_coeff and not self._l1_handles:
-            for _, module in resolve_modules(self, self._l1_target, "l1_modules"):
-                if self.hparams.l1_site == "output":
+        if self.l1_target is not None and not self._l1_handles:
+            for _, module in resolve_modules(self, self.l1_target, "l1_modules"):
+                if self.l1_target.site == "output":
                     handle = module.register_forward_hook(self._record_output_l1, prepend=True)
                 else:
                     handle = module.register_forward_pre_hook(self._record_input_l1, prepend=True)
@@ -180,7 +182,7 @@ class CausalLM(GradientRoutingMixin, pl.LightningModule):
             l1 = torch.stack(self._l1_terms).sum() / losses.numel()
             self._l1_terms.clear()
             self.log("train/l1", l1, on_step=True, on_epoch=False)
-            loss = loss + self.hparams.l1_coeff * l1
+            loss = loss + self.l1_coeff * l1
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
@@ -202,15 +204,15 @@ class CausalLM(GradientRoutingMixin, pl.LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        warmup, floor = self.warmup_steps, self.min_lr_ratio
 
         def schedule(step: int) -> float:
-            if step < hp.warmup_steps:
-                return step / hp.warmup_steps
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            if step < warmup:
+                return step / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
