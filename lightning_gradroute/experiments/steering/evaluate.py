@@ -154,18 +154,12 @@ class SteeringEvaluation(CausalLMEvaluation):
 
     @override
     def check(self, trainer: pl.Trainer, pl_module: CausalLM) -> None:
-        for attribute in ("tokenizer", "splits", "batches"):
+        for attribute in ("tokenizer", "splits", "batches", "single_token"):
             if not hasattr(trainer.datamodule, attribute):
                 raise ValueError(f"SteeringEvaluation: the data module has no {attribute!r} (see the docstring)")
         pl_module.get_submodule(self.steer_module)  # fail now on a wrong name
 
     # ------------------------------------------------------------------ pieces
-    def _token(self, tokenizer: Any, text: str) -> int:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        if len(ids) != 1:
-            raise ValueError(f"SteeringEvaluation: {text!r} is {len(ids)} tokens {ids}, not one token")
-        return ids[0]
-
     def _held_out(self, trainer: pl.Trainer) -> list[dict[str, Tensor]]:
         dm = trainer.datamodule
         if trainer.fast_dev_run:
@@ -248,8 +242,8 @@ class SteeringEvaluation(CausalLMEvaluation):
         started = time.perf_counter()
         dm = trainer.datamodule
         tokenizer = dm.tokenizer
-        target = self._token(tokenizer, self.target_token)
-        related = {text: self._token(tokenizer, text) for text in self.related_tokens}
+        target = dm.single_token(self.target_token, "SteeringEvaluation target_token")
+        related = {text: dm.single_token(text, "SteeringEvaluation related token") for text in self.related_tokens}
         cosines = unembedding_cosines(pl_module, self.dim)
         sign = 1.0 if cosines[target] >= 0 else -1.0
         on_side = cosines * sign  # the target's side is positive
