@@ -36,45 +36,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retain_forget_loss, retraining_attack
-from lightning_gradroute.evaluation.losses import evaluation_mode, model_device
+from lightning_gradroute.evaluation import retain_forget_loss, retraining_attack
+from lightning_gradroute.experiments.causal_lm import (
+    coherence_finetune_on_stories,
+    token_mean_loss,
+    weighted_token_losses,
+)
 from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule
 from lightning_gradroute.experiments.tinystories.demix import keep_retain_experts
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
 from lightning_gradroute.experiments.tinystories.rmu import RMU
 
-__all__ = ["METHODS", "UnlearningEvaluation", "forget_token_loss", "token_mean_loss"]
+__all__ = ["METHODS", "UnlearningEvaluation"]
 
 METHODS = ("era", "demix", "rmu", "data_filtering", "base")
-
-
-def token_mean_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean next-token loss over the real tokens of ``batch``, for a :class:`TinyStoriesLM`."""
-    assert isinstance(model, TinyStoriesLM)
-    losses, valid = model.token_losses(batch)
-    return (losses * valid).sum() / valid.sum().clamp_min(1)
-
-
-def forget_token_loss(model: nn.Module, batches: list[dict[str, Tensor]], forget_weights: Tensor) -> float:
-    """Loss on the forget-characteristic tokens: the token-average over ``batches`` weighted by
-    ``forget_weights[target]`` (``1 - w``, the soft label each target token gets in a labelled forget story)."""
-    total = weight = 0.0
-    with evaluation_mode(model):
-        for batch in batches:
-            batch = move_data_to_device(batch, model_device(model))
-            losses, valid = model.token_losses(batch)  # type: ignore[operator]
-            routed = forget_weights.to(losses.device)[batch["input_ids"][:, 1:]] * valid
-            total += float((losses * routed).sum())
-            weight += float(routed.sum())
-    if weight == 0:
-        raise ValueError("forget_token_loss: no forget-characteristic token in the batches")
-    return total / weight
 
 
 class UnlearningEvaluation(pl.Callback):
@@ -188,7 +168,7 @@ class UnlearningEvaluation(pl.Callback):
         retain, forget = self._held_out(trainer)
         losses = retain_forget_loss(model, token_mean_loss, retain, forget)
         token_weights = trainer.datamodule.token_weights  # type: ignore[attr-defined]
-        losses["forget_tokens"] = forget_token_loss(model, forget, 1 - token_weights)
+        losses |= weighted_token_losses(model, forget, {"forget_tokens": 1 - token_weights})
         return losses
 
     # ------------------------------------------------------------------ stages
@@ -228,15 +208,9 @@ class UnlearningEvaluation(pl.Callback):
 
         steps = min(self.coherence_steps, 1) if quick else self.coherence_steps
         if steps:
-            coherence_val = list(dm.batches(self._stories(trainer, dm.splits.coherence_val), self.eval_batch_size))
-            coherence_train = self._stories(trainer, dm.splits.coherence_train)
-            coherence = coherence_finetune(
-                pl_module,
-                token_mean_loss,
-                next(dm.batches(coherence_train, len(coherence_train))),
-                eval_fn=lambda m: mean_loss(m, coherence_val, token_mean_loss),
-                steps=steps,
-                lr=self.coherence_lr,
+            limit = dm.hparams.batch_size if quick else None
+            coherence = coherence_finetune_on_stories(
+                pl_module, dm, steps, self.coherence_lr, self.eval_batch_size, limit
             )
             results["coherence"] = coherence.to_dict()
         results["final"] = self._losses(trainer, pl_module)
