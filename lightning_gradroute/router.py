@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from lightning_gradroute.targets import (
     Target,
     UnitGroups,
     feature_size_hint,
+    pick_value,
     raise_route_problems,
     resolve_modules,
     route_table,
@@ -185,53 +186,10 @@ class RoutedSite:
         grad_sq = membership.float().T @ per_group
         self.grad_sq = grad_sq if self.grad_sq is None else self.grad_sq + grad_sq
 
-    def _pick(self, value: Any, what: str) -> tuple[Any, Callable[[Tensor], Any]]:
-        """The value to route inside a module's output (or input) and how to put the routed value back."""
-        index = self.target.output_index
-        if isinstance(value, Tensor):
-            if index is not None:
-                raise ValueError(
-                    f"{self.where}: the module's {what} is a tensor, not a tuple or dict; drop output_index={index!r}"
-                )
-            return value, lambda routed: routed
-        if isinstance(value, Mapping):  # dicts and HF ModelOutput
-            if not isinstance(index, str) or index not in value:
-                raise ValueError(
-                    f"{self.where}: the module's {what} is a {type(value).__name__} with keys {list(value)}; set "
-                    f"output_index to the key to route (got {index!r})"
-                )
-
-            def put_key(routed: Tensor) -> Any:
-                if type(value) is dict:
-                    return {**value, index: routed}
-                value[index] = routed  # ModelOutput and other mappings: set in place (it is this call's own)
-                return value
-
-            return value[index], put_key
-        if isinstance(value, (tuple, list)):
-            if not isinstance(index, int) or isinstance(index, bool) or not -len(value) <= index < len(value):
-                raise ValueError(
-                    f"{self.where}: the module's {what} is a {type(value).__name__} of {len(value)}; set output_index "
-                    f"to the position to route (got {index!r})"
-                )
-
-            def put_item(routed: Tensor) -> Any:
-                items = list(value)
-                items[index] = routed
-                if isinstance(value, tuple):
-                    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-                return items
-
-            return value[index], put_item
-        raise ValueError(
-            f"{self.where}: the module's {what} is a {type(value).__name__}, not a tensor, tuple or dict; gradient "
-            "routing needs a tensor here"
-        )
-
     def output_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.router.current_labels is None:
             return None
-        value, put = self._pick(output, "output")
+        value, put = pick_value(output, self.target.output_index, f"{self.where}: the module's output", "route")
         return put(self.route(value))
 
     def input_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_gradroute.targets import Target, resolve_modules
+from lightning_gradroute.targets import Target, pick_value, resolve_modules
 
 __all__ = ["SteeringHook", "steer"]
 
@@ -57,31 +57,8 @@ class SteeringHook:
         return f"steer: the output of {self.module_name!r}"
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        index = self.output_index
-        if isinstance(output, Tensor):
-            if index is not None:
-                raise ValueError(f"{self._where()} is a tensor, not a tuple or dict; drop output_index={index!r}")
-            return self._add(output)
-        if isinstance(output, Mapping):
-            if not isinstance(index, str) or index not in output:
-                raise ValueError(
-                    f"{self._where()} is a {type(output).__name__} with keys {list(output)}; set output_index to the "
-                    f"key to steer (got {index!r})"
-                )
-            if type(output) is dict:
-                return {**output, index: self._add(output[index])}
-            output[index] = self._add(output[index])  # HF ModelOutput: this call's own object
-            return output
-        if isinstance(output, (tuple, list)):
-            if isinstance(index, bool) or not isinstance(index, int) or not -len(output) <= index < len(output):
-                raise ValueError(
-                    f"{self._where()} is a {type(output).__name__} of {len(output)}; set output_index to the position "
-                    f"to steer (got {index!r})"
-                )
-            items = list(output)
-            items[index] = self._add(items[index])
-            return tuple(items) if isinstance(output, tuple) else items
-        raise ValueError(f"{self._where()} is a {type(output).__name__}; steering needs a tensor, tuple or dict")
+        value, put = pick_value(output, self.output_index, self._where(), "steer")
+        return put(self._add(value))
 
     def _add(self, x: Any) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() == 0:
