@@ -109,7 +109,31 @@ def _along(route: RoutedParameter, values: Tensor, ndim: int) -> Tensor:
     return values.reshape(*values.shape[:lead], *shape)
 
 
-class RoutedAdamW(Optimizer):
+class _RoutedOptimizer(Optimizer):
+    """The step shared by the routed optimizers: run the closure, read the routing records, and update each
+    parameter that has a gradient or a record, on this rank's part of it, with the subclass's ``_update_local``."""
+
+    split_moments = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        records = _step_records(self, self.split_moments)
+        for group in self.param_groups:
+            for param in group["params"]:
+                record = records.get(id(param))
+                if param.grad is None and record is None:
+                    continue
+                value, grad, allowed, label_grads = _local(param, record)
+                route = record[0] if record is not None else None
+                self._update_local(value, grad, self.state[param], group, route, allowed, label_grads)  # type: ignore[attr-defined]
+        return loss
+
+
+class RoutedAdamW(_RoutedOptimizer):
     """AdamW that leaves the units routing blocked untouched (see the module docstring).
 
     Args:
@@ -139,27 +163,16 @@ class RoutedAdamW(Optimizer):
                     if (route := routed_parameter(param)) is not None:
                         route.keep_label_grads = True
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        records = _step_records(self, self.split_moments)
-        for group in self.param_groups:
-            for param in group["params"]:
-                record = records.get(id(param))
-                if param.grad is None and record is None:
-                    continue
-                value, grad, allowed, label_grads = _local(param, record)
-                state = self.state[param]
-                if record is None:
-                    self._plain(value, grad, state, group)  # type: ignore[arg-type]
-                elif self.split_moments:
-                    self._split(value, state, group, record[0], allowed, label_grads)  # type: ignore[arg-type]
-                else:
-                    self._masked(value, grad, state, group, record[0], allowed)  # type: ignore[arg-type]
-        return loss
+    def _update_local(
+        self, param: Tensor, grad: Tensor | None, state: dict[str, Any], group: dict[str, Any],
+        route: RoutedParameter | None, allowed: Tensor | None, label_grads: Tensor | None,
+    ) -> None:  # fmt: skip
+        if route is None:
+            self._plain(param, grad, state, group)  # type: ignore[arg-type]
+        elif self.split_moments:
+            self._split(param, state, group, route, allowed, label_grads)  # type: ignore[arg-type]
+        else:
+            self._masked(param, grad, state, group, route, allowed)  # type: ignore[arg-type]
 
     def _plain(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """``torch.optim.AdamW``'s single-tensor update, op for op."""
@@ -228,7 +241,7 @@ class RoutedAdamW(Optimizer):
         torch.where(any_allowed, new_param, param, out=param)
 
 
-class RoutedSGD(Optimizer):
+class RoutedSGD(_RoutedOptimizer):
     """SGD (with momentum) that leaves the units routing blocked untouched (see the module docstring).
 
     Args:
@@ -254,26 +267,9 @@ class RoutedSGD(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        records = _step_records(self, label_grads=False)
-        for group in self.param_groups:
-            for param in group["params"]:
-                record = records.get(id(param))
-                if param.grad is None and record is None:
-                    continue
-                value, grad, allowed, _ = _local(param, record)
-                route = record[0] if record is not None else None
-                self._update(value, grad, self.state[param], group, route, allowed)
-        return loss
-
-    def _update(
+    def _update_local(
         self, param: Tensor, grad: Tensor | None, state: dict[str, Any], group: dict[str, Any],
-        route: RoutedParameter | None, allowed: Tensor | None,
+        route: RoutedParameter | None, allowed: Tensor | None, label_grads: Tensor | None,
     ) -> None:  # fmt: skip
         """``torch.optim.SGD``'s single-tensor update, op for op, on the allowed units only."""
         lr, momentum, dampening, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
