@@ -392,6 +392,7 @@ def test_routing_leaves_the_forward_pass_bit_identical() -> None:
     router = recipe_router("split.yaml")
     with router.attached(model), router.route(batch["route_labels"]):
         routed = model(batch["image"])
+        routed.logits.sum().backward()  # the router checks that the routed site received a gradient
     assert torch.equal(routed.logits, plain.logits) and torch.equal(routed.encoding, plain.encoding)
 
 

@@ -33,7 +33,7 @@ from lightning_gradroute.experiments.cifar.binary import (
 from lightning_gradroute.experiments.cifar.jpeg import CIFAR10_JPEG_ARCHIVE, load_cifar10_jpeg
 from lightning_gradroute.targets import Units, unit_indices
 
-__all__ = ["CIFAR_MEAN", "CIFAR_STD", "BatchTransform", "CIFARDataModule"]
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "BatchTransform", "CIFARDataModule", "resolve_class_groups"]
 
 #: The normalisation the paper uses for CIFAR-100 too (CIFAR-10's per-channel mean and std).
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
