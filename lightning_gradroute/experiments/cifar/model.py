@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +26,7 @@ from torchmetrics.aggregation import MeanMetric
 from typing_extensions import override
 
 from lightning_gradroute.experiments.cifar.resnet import classifier, residual_blocks, stem
+from lightning_gradroute.experiments.stages import StepByStage
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.targets import unit_indices
 
@@ -47,7 +47,7 @@ def _head(in_channels: int, width: int, tail: nn.Module) -> nn.Sequential:
     return nn.Sequential(OrderedDict(resize=nn.Conv2d(in_channels, width, 1, bias=False), tail=copy.deepcopy(tail)))
 
 
-class CIFARSplitResNet(GradientRoutingMixin, pl.LightningModule):
+class CIFARSplitResNet(GradientRoutingMixin, StepByStage):
     """ResNet cut after block ``split_at`` into an encoder and heads; certificates read channel blocks of the cut.
 
     Architecture (the reference code's ``RoutedResNet``): the encoder is the stem, the first ``split_at`` residual
@@ -222,7 +222,8 @@ class CIFARSplitResNet(GradientRoutingMixin, pl.LightningModule):
         )
         return {"loss": self.hparams.loss_scale * loss, "item_ce": item_ce, "encoding_l1": l1, **terms}
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    @override
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         out = self(batch["image"])
         terms = self.compute_losses(out, batch["label"], batch["route_labels"])
         # Logs {stage}/loss_<group name>: the mean main-head CE of each group.
@@ -240,18 +241,6 @@ class CIFARSplitResNet(GradientRoutingMixin, pl.LightningModule):
                     self.log(f"{stage}/{name}_accuracy_{group}", accuracy, on_step=False, on_epoch=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
         return terms["loss"]
-
-    @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    @override
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    @override
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
 
     @override
     def configure_optimizers(self) -> Any:
