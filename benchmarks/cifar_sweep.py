@@ -54,6 +54,20 @@ def table(setting: str, runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def encoding_table(setting: str, runs: dict[str, dict]) -> list[str]:
+    """One row per run: the mean |encoding| of each certificate's channel block on each group's test images."""
+    first = next(iter(runs.values()))
+    groups = [g["name"] for g in first["groups"]]
+    blocks = first["mean_abs_encoding"]["channels"]
+    header = ["run", *(f"ch. {b} on {g}" for b in blocks for g in groups)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in runs.items():
+        magnitudes = result["mean_abs_encoding"]
+        cells = [f"{magnitudes[g][b]:.3g}" for b in range(len(blocks)) for g in groups]
+        lines.append(f"| {setting} {name.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot(sweeps: dict[str, dict[str, dict]], l1s: list[float]) -> Figure:
     """Per setting: each certificate's accuracy on each group against the L1 weight; dashed: the control."""
     figure = Figure(figsize=(5 * len(sweeps), 3.8), layout="constrained")
@@ -127,6 +141,15 @@ def main() -> None:
     ]
     for setting, runs in sweeps.items():
         lines += [f"## {setting} (`recipes/cifar/{SETTINGS[setting][0]}`)", "", *table(setting, runs), ""]
+        lines += [
+            (
+                "Mean |encoding| per channel and position of each certificate's block, on each group's test images "
+                "(routing plus L1 should shrink a block on the groups routed away from it):"
+            ),
+            "",
+            *encoding_table(setting, runs),
+            "",
+        ]
     figure_path = args.out.with_suffix(".png")
     lines += [f"![certificate accuracy against the L1 weight]({figure_path.name})", ""]
     lines.append("What these numbers say: `recipes/cifar/README.md`.")
