@@ -128,10 +128,12 @@ def plot_accuracy_by_group(
 
 
 def _describe(classes: Sequence[int]) -> str:
-    """``"0-49"`` for a contiguous range, else the list."""
+    """``"classes 0-49"`` for a contiguous range, ``"class 3"`` for one, else ``"classes 1,9"``."""
+    if len(classes) == 1:
+        return f"class {classes[0]}"
     if list(classes) == list(range(classes[0], classes[-1] + 1)):
-        return f"{classes[0]}-{classes[-1]}" if len(classes) > 1 else str(classes[0])
-    return ",".join(map(str, classes))
+        return f"classes {classes[0]}-{classes[-1]}"
+    return "classes " + ",".join(map(str, classes))
 
 
 class CertificateAccuracyReport(TestSetReport):
@@ -168,7 +170,7 @@ class CertificateAccuracyReport(TestSetReport):
         for entry in summary:
             entry["channels"] = channels[entry["certificate"]]
         magnitudes = encoding_magnitudes(model, batches)
-        group_labels = [f"{name}\n(classes {_describe(classes)})" for name, classes in zip(names, class_groups)]
+        group_labels = [f"{name}\n({_describe(classes)})" for name, classes in zip(names, class_groups)]
         figures = {"accuracy_by_group": plot_accuracy_by_group(by_group, group_labels, channels)}
         hp = model.hparams
         results = {
