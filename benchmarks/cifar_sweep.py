@@ -91,7 +91,7 @@ def plot(sweeps: dict[str, dict[str, dict]], l1s: list[float]) -> Figure:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--l1", type=float, nargs="+", default=[0.0, 0.003, 0.01, 0.03])
+    parser.add_argument("--l1", type=float, nargs="+", default=[0.0, 0.01, 0.03, 0.1])
     parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the recipes' max_epochs")
