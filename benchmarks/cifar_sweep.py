@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from matplotlib.figure import Figure
-from recipe_runs import ROOT, run_recipe, run_seconds
+from recipe_run import ROOT, fit_cached, fit_seconds
 
 RECIPES = ROOT / "recipes" / "cifar"
 #: setting -> (routed recipe, control recipe)
@@ -32,7 +32,7 @@ def train(setting: str, l1: float | None, seed: int, runs_dir: Path, extra: list
     routed, control = SETTINGS[setting]
     name = "control" if l1 is None else f"l1_{l1:g}"
     overrides = [] if l1 is None else ["--model.init_args.l1_weight", str(l1)]
-    return run_recipe(
+    return fit_cached(
         [RECIPES / (control if l1 is None else routed)], runs_dir / setting / name, seed, [*overrides, *extra]
     )
 
@@ -110,7 +110,7 @@ def main() -> None:
     sweeps: dict[str, dict[str, dict]] = {}
     for (setting, l1), result in zip(jobs, results):
         sweeps.setdefault(setting, {})["control" if l1 is None else f"l1_{l1:g}"] = result
-    seconds = [run_seconds(args.runs_dir / s / ("control" if l1 is None else f"l1_{l1:g}")) for s, l1 in jobs]
+    seconds = [fit_seconds(args.runs_dir / s / ("control" if l1 is None else f"l1_{l1:g}")) for s, l1 in jobs]
     scale = results[0]["scale"]
     command = "python benchmarks/cifar_sweep.py" + (f" --epochs {args.epochs}" if args.epochs else "")
     command += f" --l1 {' '.join(f'{x:g}' for x in l1s)} --settings {' '.join(args.settings)} --seed {args.seed}"

@@ -19,7 +19,7 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from recipe_runs import ROOT, run_recipe, run_seconds
+from recipe_run import ROOT, fit_cached, fit_seconds
 
 APPENDIX = ROOT / "recipes" / "mnist" / "appendix"
 GROUPS = {"0-4": range(5), "5-9": range(5, 10)}
@@ -28,7 +28,7 @@ OUTPUTS = {"certificate_0": "certificate, dims 0:16", "certificate_1": "certific
 
 def run_one(base: Path, overlay: Path, seed: int, out_dir: Path, extra: list[str]) -> dict:
     """Train one (setting, seed) and return its results.json (cached: an existing one is reused)."""
-    return run_recipe([base, overlay], out_dir / overlay.stem / f"seed_{seed}", seed, extra)
+    return fit_cached([base, overlay], out_dir / overlay.stem / f"seed_{seed}", seed, extra)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -94,7 +94,7 @@ def main() -> None:
     for (overlay, _), result in zip(jobs, results):
         settings.setdefault(f"{int(overlay.stem[:2])}. {setting_title(overlay)}", []).append(result)
     scale = results[0]["scale"]
-    seconds = [run_seconds(args.runs_dir / o.stem / f"seed_{s}") for o, s in jobs]
+    seconds = [fit_seconds(args.runs_dir / o.stem / f"seed_{s}") for o, s in jobs]
     wall, cpu = [t["wall"] for t in seconds], [t["cpu"] for t in seconds]
     lines = [
         "# MNIST appendix settings at CPU scale",
