@@ -95,6 +95,7 @@ def unit_indices(
     Raises:
         ValueError: an index out of range, or a symbolic group that no expansion defined.
     """
+    _check_units(units, where)
     if _is_int(units):
         units = [units]  # type: ignore[list-item]
     if isinstance(units, str):

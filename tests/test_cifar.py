@@ -7,12 +7,10 @@ import hashlib
 import io
 import json
 import math
-import os
 import sys
 import tarfile
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
@@ -49,18 +47,10 @@ TINY = {"widths": (4, 8, 16, 128), "blocks": (1, 1, 1, 2), "split_at": 4}
 
 
 @pytest.fixture(autouse=True)
-def plain_argv(monkeypatch) -> Iterator[None]:
-    """LightningCLI warns when given args while sys.argv holds pytest's own. The gradroute CLI also changes the
-    whole process: it flushes denormal floats, and ``seed_everything`` leaves ``PL_GLOBAL_SEED`` in the
-    environment (processes spawned later reseed from it). Undo both, so tests that run later see the defaults."""
+def plain_argv(monkeypatch) -> None:
+    """LightningCLI warns when given args while sys.argv holds pytest's own (conftest.py undoes the CLI's other
+    process-wide changes)."""
     monkeypatch.setattr(sys, "argv", ["gradroute"])
-    seed = os.environ.get("PL_GLOBAL_SEED")
-    yield
-    torch.set_flush_denormal(False)
-    if seed is None:
-        os.environ.pop("PL_GLOBAL_SEED", None)
-    else:
-        os.environ["PL_GLOBAL_SEED"] = seed
 
 
 # ------------------------------------------------------------------------------------------------ binary format

@@ -25,7 +25,7 @@ def test_launched_by_multiprocessing(tmp_path: Any, strategy: str, devices: int,
     assert launched_by_multiprocessing(trainer) is expected
 
 
-EXTRAS = ("matplotlib", "mpl_toolkits", "tensorboard", "transformers", "tokenizers", "datasets")
+EXTRAS = ("matplotlib", "mpl_toolkits", "pil", "pillow", "tensorboard", "transformers", "tokenizers", "datasets")
 
 
 def test_the_core_needs_no_experiment_dependencies(tmp_path: Path) -> None:

@@ -110,7 +110,8 @@ def encoding_magnitudes(model: CIFARSplitResNet, batches: Sequence[dict[str, Ten
 def plot_accuracy_by_group(
     by_group: dict[str, list[float]], group_labels: Sequence[str], channels: Sequence[str]
 ) -> Figure:
-    """The paper's bar chart, labelled correctly: per class group, the accuracy of the main head and each certificate."""
+    """The paper's bar chart, labelled correctly: per class group, the accuracy of the main head and each
+    certificate."""
     figure = Figure(figsize=(max(6.0, 2.5 * len(group_labels)), 3.8), layout="constrained")
     ax = figure.subplots()
     width = 0.8 / len(by_group)
