@@ -37,14 +37,17 @@ def measure(
     check: Callable[[dict[str, Variant], Any], dict[str, float]],
 ) -> dict[str, Any]:
     """Check the variants with ``check(variants, batch)`` (it raises if they do not compute what they should),
-    then measure them; ratios ``a/b`` are paired within each repeat (process CPU time, one step each)."""
-    device = torch.device("cpu")
+    then measure them; ratios ``a/b`` are paired within each repeat (one step each; process CPU time on the CPU,
+    wall-clock time with synchronisation on CUDA, where the peak memory comes from the CUDA allocator)."""
+    device = torch.device(getattr(args, "device", "cpu"))
+    on_cpu = device.type == "cpu"
     generator = torch.Generator().manual_seed(args.seed + 1)
     start = time.perf_counter()
     results: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": {
             "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "python": platform.python_version(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
@@ -58,15 +61,21 @@ def measure(
         for variant in variants.values():
             variant.step(*batch)
     results["saved_bytes"] = {n: saved_activation_bytes(v, batch) for n, v in variants.items()}
-    results["peak_bytes"] = {
-        name: statistics.median(cpu_peak_bytes(variant, batch) for _ in range(3)) for name, variant in variants.items()
-    }
+    if on_cpu:
+        results["peak_bytes"] = {n: statistics.median(cpu_peak_bytes(v, batch) for _ in range(3))
+                                 for n, v in variants.items()}  # fmt: skip
     names = list(variants)
     seconds: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, list[int]] = {name: [] for name in names}
     for r in range(args.repeats):
         batch = make_batch(args, device, generator)
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            seconds[name].append(timed_step(variants[name], batch, device)[1])  # process CPU time
+            wall, cpu, peak = timed_step(variants[name], batch, device)
+            seconds[name].append(cpu if on_cpu else wall)
+            if peak is not None:
+                peaks[name].append(peak)
+    if not on_cpu:
+        results["peak_bytes"] = {name: max(values) for name, values in peaks.items()}
     results["cpu_seconds"] = seconds
     results["ratios"] = (
         {f"cpu time {a}/{b}": summary([x / y for x, y in zip(seconds[a], seconds[b])]) for a, b in ratios}
@@ -96,8 +105,9 @@ def report(title: str, script: str, description: Sequence[str], results: dict[st
                      f"{results['saved_bytes'][name] / mib:.2f} |")  # fmt: skip
     lines += [
         "",
-        f"CPU ({env['cpu_capability']}, {env['threads']} thread(s)), torch {env['torch']}. Step = forward + backward + "
-        f"optimizer step + zero_grad; step time is process CPU time, paired within each of "
+        f"{results['config'].get('device', 'cpu')} ({env['cpu_capability']}, {env['threads']} thread(s)), torch "
+        f"{env['torch']}. Step = forward + backward + optimizer step + zero_grad; step time is process CPU time on "
+        "the CPU (wall-clock with synchronisation on CUDA), paired within each of "
         f"{results['config']['repeats']} repeats (rotating order), as in `overhead.md`; memory as measured there "
         f"(allocator events for the peak, unique saved storages). Load average {env['loadavg_start'][0]:.1f} at "
         f"start, {env['loadavg_end'][0]:.1f} at end; total wall time {results['wall_seconds']:.0f} s.",

@@ -14,17 +14,13 @@ epoch count. Extra ``gradroute`` arguments go after ``--``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipe_run import ROOT, fit_cached, fit_seconds
+
 APPENDIX = ROOT / "recipes" / "mnist" / "appendix"
 GROUPS = {"0-4": range(5), "5-9": range(5, 10)}
 OUTPUTS = {"certificate_0": "certificate, dims 0:16", "certificate_1": "certificate, dims 16:32", "decoder": "decoder"}
@@ -32,28 +28,7 @@ OUTPUTS = {"certificate_0": "certificate, dims 0:16", "certificate_1": "certific
 
 def run_one(base: Path, overlay: Path, seed: int, out_dir: Path, extra: list[str]) -> dict:
     """Train one (setting, seed) and return its results.json (cached: an existing one is reused)."""
-    run_dir = out_dir / overlay.stem / f"seed_{seed}"
-    results = run_dir / "results.json"
-    if not results.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable, "-m", "lightning_gradroute.cli", "fit",
-            "--config", str(base), "--config", str(overlay),
-            "--seed_everything", str(seed),
-            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run_dir),
-            *extra,
-        ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        start = time.perf_counter()
-        with open(run_dir / "log.txt", "w") as log:
-            process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            _, status, usage = os.wait4(process.pid, 0)  # this child's own CPU time, unlike RUSAGE_CHILDREN
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"{overlay.stem} seed {seed} failed; see {run_dir / 'log.txt'}")
-        wall, cpu = time.perf_counter() - start, usage.ru_utime + usage.ru_stime
-        (run_dir / "seconds.json").write_text(json.dumps({"wall": wall, "cpu": cpu}))
-    return json.loads(results.read_text())
+    return fit_cached([base, overlay], out_dir / overlay.stem / f"seed_{seed}", seed, extra)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -119,7 +94,7 @@ def main() -> None:
     for (overlay, _), result in zip(jobs, results):
         settings.setdefault(f"{int(overlay.stem[:2])}. {setting_title(overlay)}", []).append(result)
     scale = results[0]["scale"]
-    seconds = [json.loads((args.runs_dir / o.stem / f"seed_{s}" / "seconds.json").read_text()) for o, s in jobs]
+    seconds = [fit_seconds(args.runs_dir / o.stem / f"seed_{s}") for o, s in jobs]
     wall, cpu = [t["wall"] for t in seconds], [t["cpu"] for t in seconds]
     lines = [
         "# MNIST appendix settings at CPU scale",

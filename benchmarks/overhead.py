@@ -145,13 +145,13 @@ class MaterialisedMaskRouting:
     The mask is gathered from the table once per batch and shared by every routed layer.
     """
 
-    def __init__(self, model: nn.Module, table: Tensor, form: str) -> None:
+    def __init__(self, model: nn.Module, table: Tensor, form: str, modules: str = ROUTED_MODULES) -> None:
         self.table = table
         self.form = form
         self.labels: Tensor | None = None
         self.mask: Tensor | None = None
         for name, module in model.named_modules():
-            if Target(ROUTED_MODULES).matches(name):
+            if Target(modules).matches(name):
                 module.register_forward_hook(self.hook)
 
     def hook(self, module: nn.Module, args: Any, a: Tensor) -> Tensor:
@@ -160,6 +160,7 @@ class MaterialisedMaskRouting:
         if self.mask is None:
             self.mask = self.table[self.labels]  # (B, T, D), materialised
         m = self.mask
+        m = m.to(a.dtype)  # autocast: the activation may be bf16
         if self.form == "paper":
             return m * a + (1 - m) * a.detach()
         frozen = a.detach()

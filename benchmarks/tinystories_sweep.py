@@ -25,12 +25,12 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
+
+from recipe_run import fit_logged
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("era", "data_filtering", "token_filtering", "rmu", "demix", "base")
@@ -56,16 +56,9 @@ def run_recipe(configs: list[Path], run_dir: Path, arguments: list[str]) -> dict
     results.json; the command and its output go to ``run_dir/log.txt``."""
     results = run_dir / "results.json"
     if not results.exists():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "lightning_gradroute.cli", "fit"]
-        command += [arg for config in configs for arg in ("--config", str(config))]
-        command += [*arguments, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false"]
-        started = time.perf_counter()
-        with open(run_dir / "log.txt", "w") as log:
-            log.write(" ".join(command) + "\n")
-            log.flush()
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        print(f"{run_dir.name}: {time.perf_counter() - started:6.1f} s", flush=True)
+        cli_args = [arg for config in configs for arg in ("--config", str(config))]
+        cli_args += [*arguments, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false"]
+        print(f"{run_dir.name}: {fit_logged(cli_args, run_dir):6.1f} s", flush=True)
     return json.loads(results.read_text())
 
 

@@ -1,15 +1,26 @@
-"""The one place that touches Lightning internals; everything else uses public API.
+"""The one place that touches framework internals; everything else uses public API.
 
 Each function here names the private object it reads and has its own test (``tests/test_compat.py``), so a
-Lightning release that moves it fails that test, not a user's run.
+Lightning or PyTorch release that moves it fails that test, not a user's run.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+    Strategy,
+)
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-__all__ = ["launched_by_multiprocessing"]
+__all__ = ["launched_by_multiprocessing", "local_slice", "strategy_family", "tensor_parallel_size"]
 
 
 def launched_by_multiprocessing(trainer: pl.Trainer) -> bool:
@@ -17,3 +28,41 @@ def launched_by_multiprocessing(trainer: pl.Trainer) -> bool:
     ``ddp_fork``, ``ddp_notebook``), whose main process gets the trained weights back into its own, unchanged
     model object (so the model's shapes must not differ from the main process's when fit ends)."""
     return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def strategy_family(strategy: Strategy) -> str:
+    """``"single"``, ``"ddp"``, ``"model_parallel"`` (FSDP2 / tensor parallel), ``"fsdp"`` (FSDP1),
+    ``"deepspeed"`` or ``"other"``."""
+    for family, kind in (("deepspeed", DeepSpeedStrategy), ("fsdp", FSDPStrategy), ("ddp", DDPStrategy),
+                         ("model_parallel", ModelParallelStrategy), ("single", SingleDeviceStrategy)):  # fmt: skip
+        if isinstance(strategy, kind):
+            return family
+    return "other"
+
+
+def tensor_parallel_size(strategy: Strategy) -> int:
+    """The tensor-parallel degree of a ``ModelParallelStrategy`` (its private ``_tensor_parallel_size``, which
+    may still be ``"auto"`` before the device mesh exists: then read from the mesh, or 1 for one device)."""
+    size = getattr(strategy, "_tensor_parallel_size", 1)
+    if size == "auto":
+        mesh = getattr(strategy, "_device_mesh", None)
+        size = mesh["tensor_parallel"].size() if mesh is not None else 1
+    return int(size)
+
+
+def local_slice(param: Tensor, dim: int) -> tuple[int, int] | None:
+    """For a ``DTensor`` parameter sharded on ``dim``, the ``[start, stop)`` of the global indices along ``dim``
+    this rank holds (``torch.distributed.tensor._utils.compute_local_shape_and_global_offset``); ``None`` when
+    ``dim`` is not sharded here (or the parameter is a plain tensor).
+
+    Raises:
+        ValueError: a placement other than ``Shard`` or ``Replicate`` (e.g. ``Partial``).
+    """
+    if not isinstance(param, DTensor):
+        return None
+    if not all(isinstance(p, Shard) or p.is_replicate() for p in param.placements):
+        raise ValueError(f"a parameter with placements {param.placements} cannot be routed per unit")
+    if not any(isinstance(p, Shard) and p.dim == dim for p in param.placements):
+        return None
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return offset[dim], offset[dim] + shape[dim]

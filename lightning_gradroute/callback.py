@@ -13,7 +13,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_gradroute._compat import launched_by_multiprocessing
+from lightning_gradroute._compat import launched_by_multiprocessing, strategy_family, tensor_parallel_size
 from lightning_gradroute.era import (
     EraState,
     Phase,
@@ -26,7 +26,7 @@ from lightning_gradroute.era import (
     write_checkpoint,
 )
 from lightning_gradroute.expansion import Expansion, expand
-from lightning_gradroute.labels import BatchKey, LabelSource
+from lightning_gradroute.labels import BatchKey, LabelSource, label_counts
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
 from lightning_gradroute.targets import ParameterTarget, Route, Target
@@ -216,17 +216,22 @@ class GradientRoutingCallback(Callback):
                 f"{type(pl_module).__name__}.routing_labels {list(pl_module.routing_labels)}; the logged per-label "
                 "losses would be mislabelled, declare the same names in the same order"
             )
+        self._check_strategy(trainer)
+        if self.expansions and self.ablate != "contract" and launched_by_multiprocessing(trainer):
+            raise ValueError(
+                f"GradientRoutingCallback: ablate={self.ablate!r} keeps the expanded shapes, which a "
+                f"{type(trainer.strategy).__name__} launched by multiprocessing (ddp_spawn, ddp_fork) cannot "
+                "hand back to the main process's unexpanded model; use ablate='contract' or strategy='ddp'"
+            )
+        # Lightning calls configure_model only after Callback.setup: call it here (it must be idempotent) so
+        # that lazily built layers exist before the patterns are resolved. Under ModelParallelStrategy it shards
+        # the model, so new units must exist before it: expand first (the layers must then exist at __init__).
+        sharded = strategy_family(trainer.strategy) == "model_parallel"
+        if self.expansions and sharded:
+            expand(pl_module, self.expansions)
         if is_overridden("configure_model", pl_module):
-            # Lightning calls configure_model only after Callback.setup; layers it builds must exist before
-            # the patterns are resolved. configure_model is required to be idempotent.
             pl_module.configure_model()
-        if self.expansions:
-            if self.ablate != "contract" and launched_by_multiprocessing(trainer):
-                raise ValueError(
-                    f"GradientRoutingCallback: ablate={self.ablate!r} keeps the expanded shapes, which a "
-                    f"{type(trainer.strategy).__name__} launched by multiprocessing (ddp_spawn, ddp_fork) cannot "
-                    "hand back to the main process's unexpanded model; use ablate='contract' or strategy='ddp'"
-                )
+        if self.expansions and not sharded:
             expand(pl_module, self.expansions)
         record = expansion_record(pl_module)  # the callback's expansion, or the mixin's from configure_model
         self.era = era_state(pl_module) if record is not None else None
@@ -237,17 +242,35 @@ class GradientRoutingCallback(Callback):
         self.router.attach(pl_module, record)
         rank_zero_info(f"gradient routing on {len(self.router.sites)} sites:\n{self.router.describe()}")
 
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        """Refuse, with why and what to use, the strategies this configuration cannot route exactly under."""
+        family, name = strategy_family(trainer.strategy), type(trainer.strategy).__name__
+        if family == "model_parallel" and tensor_parallel_size(trainer.strategy) > 1:
+            raise ValueError(
+                f"GradientRoutingCallback: {name} with tensor parallelism shards activations and weights across "
+                "ranks, so unit indices would address local shards; use data_parallel_size only (FSDP2) or DDP"
+            )
+        needs = [what for what, used in (("parameter targets", self.router.parameter_targets),
+                                         ("expansions", self.expansions)) if used]  # fmt: skip
+        if needs and family in ("fsdp", "deepspeed", "other"):
+            why = {
+                "fsdp": "FSDPStrategy (FSDP1) flattens parameters into shards",
+                "deepspeed": "DeepSpeed ZeRO partitions parameters and gradients (.grad is absent)",
+                "other": f"{name} is not one of the strategies they are tested under",
+            }[family]
+            raise ValueError(
+                f"GradientRoutingCallback: {' and '.join(needs)} are not supported under {name}: {why}; use "
+                "ModelParallelStrategy (FSDP2, fully_shard in configure_model), DDP or one device (activation "
+                "targets alone work under any strategy)"
+            )
+
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         labels = self.router.set_labels(self.label_source(batch))
         self.steps_routed += 1
-        if labels.is_floating_point():
-            second = labels.sum(dtype=torch.float64)
-            counts = torch.stack([labels.numel() - second, second])
-        else:
-            counts = torch.bincount(labels.flatten(), minlength=len(self.router.label_names)).double()
+        counts = label_counts(labels, len(self.router.label_names))
         self._label_totals = self._label_totals.to(counts.device) + counts
 
     @override
@@ -280,8 +303,8 @@ class GradientRoutingCallback(Callback):
         if self.ablate is None or expansion_record(pl_module) is None:
             return
         phase = ablate(pl_module, self.ablate)
-        if self.ablated_dir is not None and trainer.is_global_zero:
-            save_ablated(pl_module, self.ablated_dir, hf=phase is Phase.CONTRACTED)
+        if self.ablated_dir is not None:  # every rank: gathering a sharded model is a collective
+            save_ablated(pl_module, self.ablated_dir, hf=phase is Phase.CONTRACTED, write=trainer.is_global_zero)
             rank_zero_info(f"ablated ({phase.value}) weights saved to {self.ablated_dir}")
 
     @override

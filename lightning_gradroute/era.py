@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from lightning_gradroute.new_units import remove_new_units
 
@@ -237,13 +239,23 @@ def ablate_state_dict(
     return out
 
 
-def save_ablated(model: nn.Module, directory: str | Path, hf: bool = True) -> Path:
+def save_ablated(model: nn.Module, directory: str | Path, hf: bool = True, write: bool = True) -> Path:
     """Save ``model``'s weights as ``directory/model.safetensors`` and, with ``hf``, every outermost HF
     ``PreTrainedModel`` inside it with ``save_pretrained`` to ``directory/hf/<its name>`` (``directory/hf`` for
-    the model itself), so ``from_pretrained`` with the original config loads the contracted weights."""
+    the model itself), so ``from_pretrained`` with the original config loads the contracted weights.
+
+    A sharded model (FSDP2: ``DTensor`` parameters) is gathered into full, unsharded tensors first, which is a
+    collective: call this on every rank, with ``write`` true on one (rank 0).
+    """
     directory = Path(directory)
+    full = _full_state_dict(model)
+    if not write:
+        return directory
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(directory / "model.safetensors"))
+    if full is None:
+        save_model(model, str(directory / "model.safetensors"))
+    else:
+        save_file({k: v.detach().contiguous() for k, v in full.items()}, str(directory / "model.safetensors"))
     if hf and importlib.util.find_spec("transformers") is not None:
         from transformers import PreTrainedModel
 
@@ -251,5 +263,17 @@ def save_ablated(model: nn.Module, directory: str | Path, hf: bool = True) -> Pa
         for name, module in model.named_modules():
             if isinstance(module, PreTrainedModel) and not any(name.startswith(f"{o}.") or not o for o in outer):
                 outer.append(name)
-                module.save_pretrained(directory / "hf" / name if name else directory / "hf")
+                target = directory / "hf" / name if name else directory / "hf"
+                prefix = f"{name}." if name else ""
+                own = None if full is None else {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+                module.save_pretrained(target, state_dict=own)
     return directory
+
+
+def _full_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
+    """The full (unsharded, CPU) state dict of a model with ``DTensor`` parameters, gathered from every rank (on
+    rank 0; others get an empty dict); ``None`` for a model that is not sharded."""
+    if not any(isinstance(t, DTensor) for t in model.state_dict().values()):
+        return None
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)

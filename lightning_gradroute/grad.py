@@ -110,8 +110,10 @@ class _RouteGradientByLabel(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
         labels, table = ctx.saved_tensors
-        mask = label_mask(labels, table_rows(table, labels, grad.dtype), ctx.feature_dim, grad.dim())
-        routed = grad * mask.to(grad.dtype)
+        mask = label_mask(labels, table_rows(table, labels, grad.dtype), ctx.feature_dim, grad.dim()).to(grad.dtype)
+        # The mask is a fresh tensor: where it already has the gradient's shape (per-token labels), multiply into
+        # it rather than allocating a third activation-sized buffer.
+        routed = mask.mul_(grad) if mask.shape == grad.shape else grad * mask
         if ctx.on_backward is not None:
             ctx.on_backward(routed, labels)
         return routed, None, None, None, None

@@ -21,7 +21,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BatchKey", "LabelSource", "check_labels", "label_membership", "partial_oversight"]
+__all__ = [
+    "BatchKey",
+    "LabelSource",
+    "check_labels",
+    "label_counts",
+    "label_membership",
+    "partial_oversight",
+    "syncs_are_costly",
+]
 
 
 class LabelSource(ABC):
@@ -59,8 +67,19 @@ class BatchKey(LabelSource):
         raise KeyError(f"routing labels: cannot take {self.key!r} from a batch of type {type(batch).__name__}")
 
 
-def check_labels(labels: Any, label_names: Sequence[str]) -> Tensor:
+def syncs_are_costly(tensor: Tensor) -> bool:
+    """Whether reading a value of ``tensor`` on the host would stall a device queue (any accelerator)."""
+    return tensor.device.type != "cpu"
+
+
+def check_labels(labels: Any, label_names: Sequence[str], full: bool | None = None) -> Tensor:
     """Validate routing labels and return them as an int64 (hard) or floating (soft) tensor.
+
+    Shape and dtype are checked always (metadata, free). The value ranges need the values: ``full=True`` checks
+    them on the host, with a one-line error naming the bad labels, which on an accelerator waits for the device;
+    ``full=False`` enqueues a device-side assertion instead (``torch._assert_async``): no host sync, and a bad
+    label still stops the run, as a device-side assertion error carrying the same message. ``None``: full on the
+    CPU, device-side on accelerators (the router checks the first batch in full, later ones device-side).
 
     Raises:
         ValueError: wrong type, shape, dtype, an unknown label index, or soft labels outside [0, 1].
@@ -73,21 +92,29 @@ def check_labels(labels: Any, label_names: Sequence[str]) -> Tensor:
         )
     if labels.dtype == torch.bool:
         labels = labels.long()
+    full = not syncs_are_costly(labels) if full is None else full
     if labels.is_floating_point():
         if len(label_names) != 2:
             raise ValueError(
                 f"soft (float) routing labels interpolate between two labels; this router has {len(label_names)}: "
                 f"{list(label_names)}"
             )
-        if labels.numel() and not bool(((labels >= 0) & (labels <= 1)).all()):
+        valid = (labels >= 0) & (labels <= 1)
+        if not full:
+            torch._assert_async(valid.all(), "soft routing labels must lie in [0, 1]")
+        elif labels.numel() and not bool(valid.all()):
             raise ValueError(
                 f"soft routing labels must lie in [0, 1]; got values in [{labels.min().item()}, {labels.max().item()}]"
             )
         return labels
     if labels.is_complex() or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"routing labels must be integer, bool or float, got dtype {labels.dtype}")
-    if labels.numel() and not bool(((labels >= 0) & (labels < len(label_names))).all()):
-        bad = labels[(labels < 0) | (labels >= len(label_names))].unique().tolist()
+    valid = (labels >= 0) & (labels < len(label_names))
+    if not full:
+        message = f"routing labels must be valid indices 0..{len(label_names) - 1} for {list(label_names)}"
+        torch._assert_async(valid.all(), message)
+    elif labels.numel() and not bool(valid.all()):
+        bad = labels[~valid].unique().tolist()
         raise ValueError(
             f"routing labels {bad} are unknown: valid indices are 0..{len(label_names) - 1} for {list(label_names)}"
         )
@@ -96,10 +123,22 @@ def check_labels(labels: Any, label_names: Sequence[str]) -> Tensor:
 
 def label_membership(labels: Tensor, num_labels: int) -> Tensor:
     """How much each item belongs to each label, ``(*labels.shape, num_labels)``: one-hot for integer labels,
-    ``(1 - s, s)`` for soft labels ``s``."""
+    ``(1 - s, s)`` for soft labels ``s``. (A comparison, not ``F.one_hot``, which reads the labels' maximum on
+    the host.)"""
     if labels.is_floating_point():
         return torch.stack([1 - labels, labels], dim=-1)
-    return torch.nn.functional.one_hot(labels, num_labels).to(torch.get_default_dtype())
+    indices = torch.arange(num_labels, device=labels.device)
+    return (labels.unsqueeze(-1) == indices).to(torch.get_default_dtype())
+
+
+def label_counts(labels: Tensor, num_labels: int) -> Tensor:
+    """Items per label (float64; soft labels count fractionally), computed on the labels' device without a host
+    sync (``torch.bincount`` reads the maximum on the host)."""
+    if labels.is_floating_point():
+        second = labels.sum(dtype=torch.float64)
+        return torch.stack([labels.numel() - second, second])
+    counts = torch.zeros(num_labels, dtype=torch.float64, device=labels.device)
+    return counts.index_add_(0, labels.flatten(), torch.ones(labels.numel(), dtype=torch.float64, device=labels.device))
 
 
 def partial_oversight(is_forget: Tensor | Sequence[bool], fraction: float, seed: int = 0) -> Tensor:

@@ -73,6 +73,12 @@ class NewUnits(nn.Module):
     def extra_repr(self) -> str:
         return f"role={self.role}, size={self.size}, added={self.added}"
 
+    def forward(self, x: Tensor) -> Tensor:
+        """The new units' own matmul: ``x @ W.T (+ b)`` (called as a module, so hooks on it see it run)."""
+        if self.weight is None:
+            raise ValueError("NewUnits: an elementwise branch has no weights to apply")
+        return F.linear(x, self.weight, self.bias)
+
     def split(self, x: Tensor, where: str) -> tuple[Tensor, Tensor]:
         """The original features of ``x`` (contiguous, as the unexpanded layer saw them) and the new ones."""
         if x.shape[-1] != self.size + self.added:
@@ -124,13 +130,13 @@ def _gather(x: Tensor, segments: Sequence[tuple[int, int]]) -> Tensor:
 def _reading_forward(layer: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     units: NewUnits = layer.new_units  # type: ignore[assignment]
     old = type(layer).forward(layer, x, *args, **kwargs)
-    return units.interleave(old, F.linear(x, units.weight, units.bias))  # type: ignore[arg-type]
+    return units.interleave(old, units(x))
 
 
 def _writing_forward(layer: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
     units: NewUnits = layer.new_units  # type: ignore[assignment]
     old, new = units.split(x, type(layer).__name__)
-    return type(layer).forward(layer, old, *args, **kwargs) + F.linear(new, units.weight)  # type: ignore[arg-type]
+    return type(layer).forward(layer, old, *args, **kwargs) + units(new)
 
 
 def _elementwise_forward(layer: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

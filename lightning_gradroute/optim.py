@@ -34,8 +34,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from lightning_gradroute._compat import local_slice
 from lightning_gradroute.param_routing import RoutedParameter, routed_parameter
 
 __all__ = ["RoutedAdamW", "RoutedSGD"]
@@ -76,6 +78,28 @@ def _step_records(optimizer: Optimizer, label_grads: bool) -> dict[int, tuple[Ro
     return {id(p): (r, a, g) for p, r, a, g in records}
 
 
+def _local(
+    param: Tensor, record: tuple[RoutedParameter, Tensor, Tensor | None] | None
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """This rank's part of a parameter, of its gradient, of its allowed units and of its label gradients. Under
+    FSDP2 a parameter is a ``DTensor``: the update runs on the local shard, so the allowed units (and the label
+    gradients, which backward computes for the whole parameter) are cut to the shard's indices."""
+    grad = param.grad
+    allowed, label_grads = record[1:] if record is not None else (None, None)
+    if not isinstance(param, DTensor):
+        return param, grad, allowed, label_grads
+    grad = grad.to_local() if isinstance(grad, DTensor) else grad
+    for dim in range(param.dim()):
+        span = local_slice(param, dim)
+        if span is None:
+            continue
+        if label_grads is not None:
+            label_grads = label_grads.narrow(dim + 1, span[0], span[1] - span[0])
+        if allowed is not None and record is not None and dim == record[0].dim:
+            allowed = allowed[..., span[0] : span[1]]
+    return param.to_local(), grad, allowed, label_grads
+
+
 def _along(route: RoutedParameter, values: Tensor, ndim: int) -> Tensor:
     """``values`` over the routed dim's units, shaped to broadcast against the parameter (``(..., units)``
     leading dims kept)."""
@@ -85,7 +109,31 @@ def _along(route: RoutedParameter, values: Tensor, ndim: int) -> Tensor:
     return values.reshape(*values.shape[:lead], *shape)
 
 
-class RoutedAdamW(Optimizer):
+class _RoutedOptimizer(Optimizer):
+    """The step shared by the routed optimizers: run the closure, read the routing records, and update each
+    parameter that has a gradient or a record, on this rank's part of it, with the subclass's ``_update_local``."""
+
+    split_moments = False
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        records = _step_records(self, self.split_moments)
+        for group in self.param_groups:
+            for param in group["params"]:
+                record = records.get(id(param))
+                if param.grad is None and record is None:
+                    continue
+                value, grad, allowed, label_grads = _local(param, record)
+                route = record[0] if record is not None else None
+                self._update_local(value, grad, self.state[param], group, route, allowed, label_grads)  # type: ignore[attr-defined]
+        return loss
+
+
+class RoutedAdamW(_RoutedOptimizer):
     """AdamW that leaves the units routing blocked untouched (see the module docstring).
 
     Args:
@@ -115,33 +163,23 @@ class RoutedAdamW(Optimizer):
                     if (route := routed_parameter(param)) is not None:
                         route.keep_label_grads = True
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        records = _step_records(self, self.split_moments)
-        for group in self.param_groups:
-            for param in group["params"]:
-                record = records.get(id(param))
-                if param.grad is None and record is None:
-                    continue
-                if record is None:
-                    self._plain(param, group)
-                elif self.split_moments:
-                    self._split(param, group, *record)
-                else:
-                    self._masked(param, group, *record[:2])
-        return loss
+    def _update_local(
+        self, param: Tensor, grad: Tensor | None, state: dict[str, Any], group: dict[str, Any],
+        route: RoutedParameter | None, allowed: Tensor | None, label_grads: Tensor | None,
+    ) -> None:  # fmt: skip
+        if route is None:
+            self._plain(param, grad, state, group)  # type: ignore[arg-type]
+        elif self.split_moments:
+            self._split(param, state, group, route, allowed, label_grads)  # type: ignore[arg-type]
+        else:
+            self._masked(param, grad, state, group, route, allowed)  # type: ignore[arg-type]
 
-    def _plain(self, param: Tensor, group: dict[str, Any]) -> None:
+    def _plain(self, param: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         """``torch.optim.AdamW``'s single-tensor update, op for op."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state = self.state[param]
         if not state:
             state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
-        grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
         param.mul_(1 - lr * wd)
         exp_avg.lerp_(grad, 1 - beta1)
@@ -162,13 +200,14 @@ class RoutedAdamW(Optimizer):
         bias_correction2_sqrt = (1 - beta2**step).sqrt().to(grad.dtype)
         return new_avg, new_sq, step_size * new_avg / (new_sq.sqrt() / bias_correction2_sqrt).add_(eps)
 
-    def _masked(self, param: Tensor, group: dict[str, Any], route: RoutedParameter, allowed: Tensor) -> None:
-        state = self.state[param]
-        units = param.shape[route.dim]
+    def _masked(
+        self, param: Tensor, grad: Tensor | None, state: dict[str, Any], group: dict[str, Any], route: RoutedParameter,
+        allowed: Tensor,
+    ) -> None:  # fmt: skip
         if not state:
-            state.update(step=torch.zeros(units, dtype=torch.float64, device=param.device),
+            state.update(step=torch.zeros(allowed.shape[-1], dtype=torch.float64, device=param.device),
                          exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))  # fmt: skip
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        grad = grad if grad is not None else torch.zeros_like(param)
         state["step"] += allowed
         mask = _along(route, allowed, param.dim())
         new_avg, new_sq, update = self._adam_update(
@@ -179,10 +218,10 @@ class RoutedAdamW(Optimizer):
             torch.where(mask, new, old, out=old)
 
     def _split(
-        self, param: Tensor, group: dict[str, Any], route: RoutedParameter, allowed: Tensor, label_grads: Tensor
-    ) -> None:
-        state = self.state[param]
-        labels, units = route.num_labels, param.shape[route.dim]
+        self, param: Tensor, state: dict[str, Any], group: dict[str, Any], route: RoutedParameter, allowed: Tensor,
+        label_grads: Tensor,
+    ) -> None:  # fmt: skip
+        labels, units = route.num_labels, allowed.shape[-1]
         if not state:
             moments = (labels, *param.shape)
             state.update(step=torch.zeros(labels, units, dtype=torch.float64, device=param.device),
@@ -202,7 +241,7 @@ class RoutedAdamW(Optimizer):
         torch.where(any_allowed, new_param, param, out=param)
 
 
-class RoutedSGD(Optimizer):
+class RoutedSGD(_RoutedOptimizer):
     """SGD (with momentum) that leaves the units routing blocked untouched (see the module docstring).
 
     Args:
@@ -228,30 +267,15 @@ class RoutedSGD(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        records = _step_records(self, label_grads=False)
-        for group in self.param_groups:
-            for param in group["params"]:
-                record = records.get(id(param))
-                if param.grad is None and record is None:
-                    continue
-                self._update(param, group, *(record[:2] if record is not None else (None, None)))
-        return loss
-
-    def _update(
-        self, param: Tensor, group: dict[str, Any], route: RoutedParameter | None, allowed: Tensor | None
-    ) -> None:
+    def _update_local(
+        self, param: Tensor, grad: Tensor | None, state: dict[str, Any], group: dict[str, Any],
+        route: RoutedParameter | None, allowed: Tensor | None, label_grads: Tensor | None,
+    ) -> None:  # fmt: skip
         """``torch.optim.SGD``'s single-tensor update, op for op, on the allowed units only."""
         lr, momentum, dampening, wd = group["lr"], group["momentum"], group["dampening"], group["weight_decay"]
-        grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        grad = grad if grad is not None else torch.zeros_like(param)
         if wd != 0:
             grad = grad.add(param, alpha=wd)
-        state = self.state[param]
         if momentum != 0:
             if route is None:
                 buf = state.get("momentum_buffer")
@@ -261,9 +285,8 @@ class RoutedSGD(Optimizer):
                     buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             else:
                 if not state:
-                    units = param.shape[route.dim]
-                    state.update(momentum_buffer=torch.zeros_like(param),
-                                 started=torch.zeros(units, dtype=torch.bool, device=param.device))  # fmt: skip
+                    started = torch.zeros(allowed.shape[-1], dtype=torch.bool, device=param.device)
+                    state.update(momentum_buffer=torch.zeros_like(param), started=started)
                 started = _along(route, state["started"], param.dim())
                 old = state["momentum_buffer"]
                 buf = torch.where(started, old.mul(momentum).add_(grad, alpha=1 - dampening), grad)

@@ -24,8 +24,7 @@ label's share of the gradient.
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_gradroute.grad import label_mask, table_rows
-from lightning_gradroute.labels import label_membership
+from lightning_gradroute.labels import label_counts, label_membership
 from lightning_gradroute.targets import (
     ParameterTarget,
     Route,
@@ -46,14 +45,15 @@ from lightning_gradroute.targets import (
 
 __all__ = ["ParameterRoutingMode", "RoutedParameter", "flat_labels", "resolve_routed_parameters", "routed_parameter"]
 
-#: id(parameter) -> (weak reference to it, its RoutedParameter), for the routers attached now.
-_ROUTED: dict[int, tuple[weakref.ref[Tensor], RoutedParameter]] = {}
+#: id(parameter) -> its RoutedParameter, for the routers attached now (a strong reference, dropped at detach: a
+#: weak reference would stop ``torch.utils.swap_tensors``, which FSDP2 uses to move parameters).
+_ROUTED: dict[int, RoutedParameter] = {}
 
 
 def routed_parameter(param: Tensor) -> RoutedParameter | None:
     """How an attached router routes ``param`` (``None`` if none does)."""
-    entry = _ROUTED.get(id(param))
-    return entry[1] if entry is not None and entry[0]() is param else None
+    route = _ROUTED.get(id(param))
+    return route if route is not None and route.param is param else None
 
 
 class RoutedParameter:
@@ -86,11 +86,17 @@ class RoutedParameter:
     def register(self) -> None:
         if routed_parameter(self.param) is not None:
             raise ValueError(f"{self.where}: the parameter is already routed by another target or router")
-        _ROUTED[id(self.param)] = (weakref.ref(self.param), self)
+        _ROUTED[id(self.param)] = self
 
     def unregister(self) -> None:
         if routed_parameter(self.param) is self:
             del _ROUTED[id(self.param)]
+
+    @property
+    def owner_and_attribute(self) -> tuple[str, str]:
+        """The name of the module holding the parameter, and the parameter's attribute name there."""
+        owner, _, attribute = self.name.rpartition(".")
+        return owner, attribute
 
     def item_weights(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
         """``(items, units)``: the table row of each item's label (soft labels interpolate, in fp32 or wider)."""
@@ -194,7 +200,7 @@ def _weighted(
     """``combine(item_weights)`` (a gradient; ``combine`` may overwrite the weights it is given), recording the
     allowed units and, if kept, each label's share."""
     # Hard labels: a unit is allowed where a label present in the batch has a nonzero weight (no pass over items).
-    present = None if labels.is_floating_point() else torch.bincount(labels, minlength=route.num_labels) > 0
+    present = None if labels.is_floating_point() else label_counts(labels, route.num_labels) > 0
     if not route.keep_label_grads:
         weights = route.item_weights(labels, dtype)
         allowed = (weights != 0).any(0) if present is None else ((route.table != 0) & present[:, None]).any(0)
@@ -303,9 +309,8 @@ def _row_weighted(
     """Embedding rows routed: item ``i`` reads row ``ids_i``, so its weight is entry ``ids_i`` of its row."""
     membership = label_membership(labels, route.num_labels).to(grad.dtype)  # (items, labels)
     shares = membership * route.table.to(grad.dtype)[:, ids].t()  # (items, labels): label l's share per item
-    touched = torch.zeros(route.num_labels, route.param.shape[0], dtype=torch.bool, device=grad.device)
-    for label in range(route.num_labels):
-        touched[label, ids[shares[:, label] != 0]] = True
+    reads = torch.zeros(route.num_labels, route.param.shape[0], dtype=grad.dtype, device=grad.device)
+    touched = reads.index_add_(1, ids, (shares != 0).to(grad.dtype).t()) > 0  # rows read with a nonzero weight
     if not route.keep_label_grads:
         route.record(touched.any(0), None)
         return scatter(grad * shares.sum(1, keepdim=True))
@@ -317,16 +322,25 @@ def _row_weighted(
 # ------------------------------------------------------------------------------------------------- the mode
 class ParameterRoutingMode(TorchFunctionMode):
     """Runs every differentiable use of a routed parameter through its routed autograd function (see the module
-    docstring); any other differentiable use raises. Entered while a router holds labels."""
+    docstring); any other differentiable use raises. Entered while a router holds labels.
 
-    def __init__(self, routes: Mapping[int, RoutedParameter], labels: Callable[[], Tensor | None]) -> None:
+    A parameter is recognised by identity. Sharding wrappers hand a module another tensor than the parameter
+    during its forward (FSDP2 registers the unsharded parameter): :meth:`alias` maps that tensor to the route,
+    from a forward pre-hook on the parameter's module (see ``GradientRouter.attach``).
+    """
+
+    def __init__(self, routes: Sequence[RoutedParameter], labels: Callable[[], Tensor | None]) -> None:
         super().__init__()
-        self.routes = dict(routes)
+        self.routes: dict[int, tuple[Tensor, RoutedParameter]] = {id(r.param): (r.param, r) for r in routes}
         self.labels = labels
 
+    def alias(self, tensor: Tensor, route: RoutedParameter) -> None:
+        """Route ``tensor`` (what the module holds in place of the parameter right now) as ``route``."""
+        self.routes[id(tensor)] = (tensor, route)
+
     def route_of(self, tensor: Any) -> RoutedParameter | None:
-        route = self.routes.get(id(tensor)) if isinstance(tensor, Tensor) else None
-        return route if route is not None and route.param is tensor else None
+        entry = self.routes.get(id(tensor)) if isinstance(tensor, Tensor) else None
+        return entry[1] if entry is not None and entry[0] is tensor else None
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

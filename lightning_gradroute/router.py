@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +47,7 @@ from lightning_gradroute.targets import (
     Target,
     UnitGroups,
     feature_size_hint,
+    pick_value,
     raise_route_problems,
     resolve_modules,
     route_table,
@@ -184,53 +186,10 @@ class RoutedSite:
         grad_sq = membership.float().T @ per_group
         self.grad_sq = grad_sq if self.grad_sq is None else self.grad_sq + grad_sq
 
-    def _pick(self, value: Any, what: str) -> tuple[Any, Callable[[Tensor], Any]]:
-        """The value to route inside a module's output (or input) and how to put the routed value back."""
-        index = self.target.output_index
-        if isinstance(value, Tensor):
-            if index is not None:
-                raise ValueError(
-                    f"{self.where}: the module's {what} is a tensor, not a tuple or dict; drop output_index={index!r}"
-                )
-            return value, lambda routed: routed
-        if isinstance(value, Mapping):  # dicts and HF ModelOutput
-            if not isinstance(index, str) or index not in value:
-                raise ValueError(
-                    f"{self.where}: the module's {what} is a {type(value).__name__} with keys {list(value)}; set "
-                    f"output_index to the key to route (got {index!r})"
-                )
-
-            def put_key(routed: Tensor) -> Any:
-                if type(value) is dict:
-                    return {**value, index: routed}
-                value[index] = routed  # ModelOutput and other mappings: set in place (it is this call's own)
-                return value
-
-            return value[index], put_key
-        if isinstance(value, (tuple, list)):
-            if not isinstance(index, int) or isinstance(index, bool) or not -len(value) <= index < len(value):
-                raise ValueError(
-                    f"{self.where}: the module's {what} is a {type(value).__name__} of {len(value)}; set output_index "
-                    f"to the position to route (got {index!r})"
-                )
-
-            def put_item(routed: Tensor) -> Any:
-                items = list(value)
-                items[index] = routed
-                if isinstance(value, tuple):
-                    return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-                return items
-
-            return value[index], put_item
-        raise ValueError(
-            f"{self.where}: the module's {what} is a {type(value).__name__}, not a tensor, tuple or dict; gradient "
-            "routing needs a tensor here"
-        )
-
     def output_hook(self, module: nn.Module, args: Any, output: Any) -> Any:
         if self.router.current_labels is None:
             return None
-        value, put = self._pick(output, "output")
+        value, put = pick_value(output, self.target.output_index, f"{self.where}: the module's output", "route")
         return put(self.route(value))
 
     def input_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -258,7 +217,10 @@ class RoutedSite:
         """Why this site routed nothing in the batches since attach, or ``None`` if it was called, routed and
         reached by a gradient."""
         if self.calls == 0:
-            return f"{self.where} was never called while routing (a container, or a module the step does not use)"
+            return (
+                f"{self.where} was never called while routing (a container, a module the step does not use, or a "
+                "torch.compile graph reused from a hook-less instance: see the README on torch.compile)"
+            )
         if self.routed == 0:
             return (
                 f"{self.where} was called but its value never required grad (input data, frozen layers upstream, "
@@ -267,6 +229,12 @@ class RoutedSite:
         if self.backward == 0:
             return f"{self.where} received no gradient in backward (its value does not reach the loss)"
         return None
+
+
+def _alias_parameter(
+    mode: ParameterRoutingMode, routed: RoutedParameter, attribute: str, module: nn.Module, args: Any
+) -> None:
+    mode.alias(getattr(module, attribute), routed)
 
 
 class GradientRouter:
@@ -352,6 +320,12 @@ class GradientRouter:
         self._labels: Tensor | None = None
         self._mode: ParameterRoutingMode | None = None
         self._mode_entered = False
+        self._labels_checked = False
+
+    @property
+    def parameter_targets(self) -> list[str]:
+        """The names of the parameter targets (routed inside backward rather than by hooks)."""
+        return [name for name, target in self.targets.items() if isinstance(target, ParameterTarget)]
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -407,6 +381,12 @@ class GradientRouter:
             raise ValueError(f"GradientRouter: parameter {twice[0]!r} is matched by two parameter targets")
         for routed in parameters:
             routed.register()
+        if parameters:
+            self._mode = ParameterRoutingMode(parameters, lambda: self._labels)
+            for routed in parameters:  # see ParameterRoutingMode.alias: what the owner holds during its forward
+                owner, attribute = routed.owner_and_attribute
+                hook = functools.partial(_alias_parameter, self._mode, routed, attribute)
+                self._handles.append(model.get_submodule(owner).register_forward_pre_hook(hook))
         for site, module in sites:
             if site.target.site == "output":
                 handle = module.register_forward_hook(site.output_hook)
@@ -415,9 +395,7 @@ class GradientRouter:
             self._handles.append(handle)
         self.sites = [site for site, _ in sites]
         self.parameters = parameters
-        if parameters:
-            self._mode = ParameterRoutingMode({id(p.param): p for p in parameters}, lambda: self._labels)
-        self.coverage_checked = False
+        self.coverage_checked = self._labels_checked = False
         return self
 
     def detach(self) -> None:
@@ -449,7 +427,11 @@ class GradientRouter:
     def set_labels(self, labels: Tensor) -> Tensor:
         """Validate and hold ``labels`` for every routed forward (and recomputation) until :meth:`clear_labels`;
         with parameter targets, enter the :class:`~lightning_gradroute.param_routing.ParameterRoutingMode`."""
-        self._labels = check_labels(labels, self.label_names)
+        # The first batch after attach is checked in full (clear errors); later ones on accelerators with a
+        # device-side assertion, so that no step waits for the device.
+        full = None if self._labels_checked else True
+        self._labels = check_labels(labels, self.label_names, full=full)
+        self._labels_checked = True
         if self._mode is not None and not self._mode_entered:
             self._mode.__enter__()
             self._mode_entered = True

@@ -26,12 +26,12 @@ import difflib
 import fnmatch
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 __all__ = [
     "ParameterTarget",
@@ -41,6 +41,7 @@ __all__ = [
     "Units",
     "RouteTable",
     "feature_size_hint",
+    "pick_value",
     "raise_route_problems",
     "resolve_modules",
     "resolve_parameters",
@@ -94,6 +95,7 @@ def unit_indices(
     Raises:
         ValueError: an index out of range, or a symbolic group that no expansion defined.
     """
+    _check_units(units, where)
     if _is_int(units):
         units = [units]  # type: ignore[list-item]
     if isinstance(units, str):
@@ -395,6 +397,51 @@ def raise_route_problems(table: RouteTable, where: str, allow_noop: bool, target
                 f"{name}: every weight at {where} is 1, so it routes nothing; remove the route (or pass "
                 "allow_noop=True for a control run)"
             )
+
+
+def pick_value(value: Any, index: int | str | None, where: str, verb: str) -> tuple[Any, Callable[[Any], Any]]:
+    """The part of a module's input or output that ``index`` names (see ``Target.output_index``), and a function
+    that puts a replacement back in its place (a new tuple or list, a new dict, or an HF ``ModelOutput`` updated in
+    place, being this call's own object).
+
+    Raises:
+        ValueError: a tensor with an index, a structured value without a fitting one, or any other type; the
+            message starts with ``where`` and says what to ``verb``.
+    """
+    if isinstance(value, Tensor):
+        if index is not None:
+            raise ValueError(f"{where} is a tensor, not a tuple or dict; drop output_index={index!r}")
+        return value, lambda new: new
+    if isinstance(value, Mapping):  # dicts and HF ModelOutput
+        if not isinstance(index, str) or index not in value:
+            raise ValueError(
+                f"{where} is a {type(value).__name__} with keys {list(value)}; set output_index to the key to {verb} "
+                f"(got {index!r})"
+            )
+
+        def put_key(new: Any) -> Any:
+            if type(value) is dict:
+                return {**value, index: new}
+            value[index] = new
+            return value
+
+        return value[index], put_key
+    if isinstance(value, (tuple, list)):
+        if not _is_int(index) or not -len(value) <= index < len(value):  # type: ignore[operator]
+            raise ValueError(
+                f"{where} is a {type(value).__name__} of {len(value)}; set output_index to the position to {verb} "
+                f"(got {index!r})"
+            )
+
+        def put_item(new: Any) -> Any:
+            items = list(value)
+            items[index] = new  # type: ignore[index]
+            if isinstance(value, tuple):
+                return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+            return items
+
+        return value[index], put_item  # type: ignore[index]
+    raise ValueError(f"{where} is a {type(value).__name__}, not a tensor, tuple or dict; there is nothing to {verb}")
 
 
 def resolve_modules(model: nn.Module, target: Target, target_name: str = "") -> list[tuple[str, nn.Module]]:

@@ -6,7 +6,9 @@ Model-agnostic builders (they see strings and token ids only):
   whole words, case-insensitively (``" forest"``, ``"Forest,"`` yes; ``"forestry"``, ``"street"`` no);
 * :class:`TokenSetLabels`: per-token labels from a set of token ids;
 * :func:`token_frequency_weights` and :class:`FrequencyWeightedLabels`: the paper's soft per-token labels from
-  how much more often a token occurs in forget than in retain documents.
+  how much more often a token occurs in forget than in retain documents;
+* :func:`select_concept_tokens`: the paper's choice of a concept's token set (its virology experiment) by the
+  same frequency ratio, for :class:`TokenSetLabels`.
 
 Per-token labels are keyed by the *next* token by default: position ``t`` of a model fed ``input_ids[:, :-1]``
 predicts ``input_ids[:, t + 1]``, and it is that target which decides how the position's gradient is routed.
@@ -29,6 +31,7 @@ __all__ = [
     "TokenSetLabels",
     "keyword_documents",
     "keyword_regex",
+    "select_concept_tokens",
     "token_frequency_weights",
 ]
 
@@ -139,8 +142,7 @@ def token_frequency_weights(
     Returns:
         A float32 ``(vocab_size,)`` tensor of weights in [0, 1]; 1 means "retain", 0 "fully forget".
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"token_frequency_weights: vocab_size must be a positive int, got {vocab_size!r}")
+    _check_vocab_size(vocab_size, "token_frequency_weights")
     for name, value in (("retain_smoothing", retain_smoothing), ("forget_smoothing", forget_smoothing)):
         if not value >= 0 or math.isinf(value):
             raise ValueError(f"token_frequency_weights: {name} must be a finite number >= 0, got {value!r}")
@@ -149,12 +151,7 @@ def token_frequency_weights(
         ("retain", retain_tokens, retain_smoothing),
         ("forget", forget_tokens, forget_smoothing),
     ):
-        counts = torch.full((vocab_size,), float(smoothing), dtype=torch.float64)
-        for doc in docs:
-            ids = torch.as_tensor(doc, dtype=torch.long).flatten()
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-                raise ValueError(f"token_frequency_weights: a {name} token id is outside [0, {vocab_size})")
-            counts += torch.bincount(ids, minlength=vocab_size)
+        counts = _token_counts(docs, vocab_size, name, "token_frequency_weights") + smoothing
         if counts.sum() == 0:
             raise ValueError(f"token_frequency_weights: no {name} tokens and no smoothing; frequencies are undefined")
         frequencies.append(counts / counts.sum())
@@ -164,6 +161,81 @@ def token_frequency_weights(
         numerator = f_forget.square() - f_retain.square()
         spread = torch.where(numerator == 0, torch.zeros_like(numerator), numerator / (f_forget * f_retain))
         return (1 - torch.sigmoid(sharpness * spread - offset)).float()
+
+
+def _check_vocab_size(vocab_size: int, who: str) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"{who}: vocab_size must be a positive int, got {vocab_size!r}")
+
+
+def _token_counts(docs: Iterable[Sequence[int] | Tensor], vocab_size: int, name: str, who: str) -> Tensor:
+    """How often each id occurs in ``docs``: a float64 ``(vocab_size,)`` tensor."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for doc in docs:
+        ids = torch.as_tensor(doc, dtype=torch.long).flatten()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise ValueError(f"{who}: a {name} token id is outside [0, {vocab_size})")
+        counts += torch.bincount(ids, minlength=vocab_size)
+    return counts
+
+
+def select_concept_tokens(
+    retain_tokens: Iterable[Sequence[int] | Tensor],
+    forget_tokens: Iterable[Sequence[int] | Tensor],
+    vocab_size: int,
+    top_k: int,
+    min_forget_count: int = 5,
+    retain_floor: float = 0.1,
+    exclude: Iterable[int] = (),
+) -> list[tuple[int, float]]:
+    r"""The paper's choice of a concept's token set: the ``top_k`` tokens most over-represented in forget documents.
+
+    Each token is scored by the ratio of its relative frequency in the forget documents to that in the retain
+    documents, ``(c_forget / N_forget) / (max(c_retain, retain_floor) / N_retain)`` (``c``: occurrences, ``N``:
+    all tokens of that side; a token absent from the retain documents counts ``retain_floor`` times there, as in
+    the paper's ``get-optimal-words-to-mask.py``, which used 0.1). Tokens seen fewer than ``min_forget_count``
+    times in the forget documents are not eligible (their ratio is noise), nor are the ids in ``exclude`` (the
+    paper's hand curation: ambiguous tokens, special tokens).
+
+    Example (route the 20 most food-specific tokens of TinyStories)::
+
+        chosen = select_concept_tokens(retain_ids, food_story_ids, vocab_size=2048, top_k=20)
+        source = TokenSetLabels(token_ids=[token for token, _ in chosen])
+
+    Returns:
+        ``top_k`` ``(token_id, ratio)`` pairs, highest ratio first (ties: lower id first).
+
+    Raises:
+        ValueError: bad arguments, ids outside ``[0, vocab_size)``, an empty side, or fewer than ``top_k``
+            eligible tokens.
+    """
+    who = "select_concept_tokens"
+    _check_vocab_size(vocab_size, who)
+    for name, value, minimum in (("top_k", top_k, 1), ("min_forget_count", min_forget_count, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{who}: {name} must be an int >= {minimum}, got {value!r}")
+    if not 0 < retain_floor < float("inf"):
+        raise ValueError(f"{who}: retain_floor must be a positive number, got {retain_floor!r}")
+    retain = _token_counts(retain_tokens, vocab_size, "retain", who)
+    forget = _token_counts(forget_tokens, vocab_size, "forget", who)
+    for name, counts in (("retain", retain), ("forget", forget)):
+        if counts.sum() == 0:
+            raise ValueError(f"{who}: the {name} documents have no tokens")
+    ratio = (forget / forget.sum()) / (retain.clamp_min(retain_floor) / retain.sum())
+    eligible = forget >= min_forget_count
+    excluded = torch.tensor(sorted(set(exclude)), dtype=torch.long)
+    if excluded.numel():
+        if int(excluded.min()) < 0 or int(excluded.max()) >= vocab_size:
+            raise ValueError(f"{who}: an excluded id is outside [0, {vocab_size})")
+        eligible[excluded] = False
+    candidates = eligible.nonzero().flatten().tolist()
+    if len(candidates) < top_k:
+        raise ValueError(
+            f"{who}: only {len(candidates)} tokens occur at least {min_forget_count} times in the forget documents "
+            f"(after exclusions); lower top_k ({top_k}) or min_forget_count"
+        )
+    ranked = sorted(candidates, key=lambda token: (-float(ratio[token]), token))
+    return [(token, float(ratio[token])) for token in ranked[:top_k]]
 
 
 class FrequencyWeightedLabels(LabelSource):

@@ -25,7 +25,7 @@ def test_launched_by_multiprocessing(tmp_path: Any, strategy: str, devices: int,
     assert launched_by_multiprocessing(trainer) is expected
 
 
-EXTRAS = ("matplotlib", "mpl_toolkits", "tensorboard", "transformers", "tokenizers", "datasets")
+EXTRAS = ("matplotlib", "mpl_toolkits", "pil", "pillow", "tensorboard", "transformers", "tokenizers", "datasets")
 
 
 def test_the_core_needs_no_experiment_dependencies(tmp_path: Path) -> None:
@@ -56,3 +56,39 @@ def test_the_core_needs_no_experiment_dependencies(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=120, env=env,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_strategy_family_and_tensor_parallel_size(tmp_path: Path) -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lightning_gradroute._compat import strategy_family, tensor_parallel_size
+
+    def family(**kwargs: Any) -> str:
+        trainer = pl.Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False, **kwargs)
+        return strategy_family(trainer.strategy)
+
+    assert family(devices=1) == "single" and family(devices=2, strategy="ddp_spawn") == "ddp"
+    parallel = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    assert family(devices=2, strategy=parallel) == "model_parallel" and tensor_parallel_size(parallel) == 2
+    assert strategy_family(FSDPStrategy()) == "fsdp"
+    assert strategy_family(DeepSpeedStrategy.__new__(DeepSpeedStrategy)) == "deepspeed"
+
+
+def test_local_slice_of_a_sharded_parameter(tmp_path: Path) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Shard, distribute_tensor
+
+    from lightning_gradroute._compat import local_slice
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = distribute_tensor(torch.randn(6, 4), mesh, [Shard(0)])
+        assert local_slice(sharded, 0) == (0, 6) and local_slice(sharded, 1) is None
+        assert local_slice(torch.randn(6, 4), 0) is None
+        with pytest.raises(ValueError, match=r"placements \(Partial\(sum\),\) cannot be routed per unit"):
+            local_slice(distribute_tensor(torch.randn(6, 4), mesh, [Partial()]), 0)
+    finally:
+        dist.destroy_process_group()

@@ -290,6 +290,40 @@ def test_sites_that_route_nothing_are_errors_after_the_first_routed_batch(module
             model(torch.randn(2, 4)).backward()
 
 
+class Small(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.act(self.fc(x)))
+
+
+def test_a_compiled_graph_reused_without_the_hooks_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile reuses one instance's graph for another instance of the class, and by default does not guard
+    on hooks: the routed instance would silently run unrouted. The coverage check stops it; guarding on hooks
+    (what the README recommends when compiling several instances) routes it."""
+    torch.manual_seed(0)
+    x, labels = torch.randn(3, 4), torch.tensor([1, 1, 1])
+    router = GradientRouter({"a": Target("act")}, [Route("forget", "a", 0.0)])
+
+    def compile_then_route() -> Small:
+        torch._dynamo.reset()
+        torch.compile(Small(), backend="aot_eager")(x).sum().backward()  # an unrouted instance, compiled first
+        routed = Small()
+        compiled = torch.compile(routed, backend="aot_eager")
+        with router.attached(routed), router.route(labels):
+            compiled(x).sum().backward()
+        return routed
+
+    with pytest.raises(ValueError, match=r"'act', output\) was never called while routing"):
+        compile_then_route()
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)
+    routed = compile_then_route()
+    assert torch.count_nonzero(routed.fc.weight.grad) == 0  # all forget, weight 0: nothing reached fc
+    torch._dynamo.reset()
+
+
 def test_coverage_is_proved_once_per_attach_and_without_backward_it_says_so() -> None:
     model = Partial()
     router = GradientRouter({"ok": Target("used")}, [Route("forget", "ok", 0.0)])

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -106,7 +107,7 @@ def test_offline_download_falls_back_to_the_missing_files_error(tmp_path: Path, 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(mnist_data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     dm = MNISTDataModule(str(tmp_path))
     dm.prepare_data()  # logs the failure, does not raise: setup gives the actionable message
     assert not list(tmp_path.glob("*.part"))

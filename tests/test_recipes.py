@@ -2,12 +2,14 @@
 
 A recipe that is an overlay names its base on a line ``# base: <file next to it or relative to recipes/>``; it is
 composed as ``--config base --config overlay``. A recipe may add smoke-test-only arguments (for example a
-smaller data source, so a paper-scale recipe runs offline) on lines ``# smoke-args: --data.init_args.x 1``.
+smaller data source, so a paper-scale recipe runs offline) on lines ``# smoke-args: --data.init_args.x 1`` (split like
+a shell command line: quote values with spaces).
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,7 +29,7 @@ def cli_args(path: Path) -> list[str]:
         args += cli_args(base_path)
     args += ["--config", str(path)]
     for line in re.findall(r"^# smoke-args: (.+)$", header, flags=re.M):
-        args += line.split()
+        args += shlex.split(line)
     return args
 
 

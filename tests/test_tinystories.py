@@ -14,6 +14,7 @@ from helpers import trainer_kwargs
 from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
 from lightning_gradroute.evaluation import mean_loss, retraining_attack
 from lightning_gradroute.expansion import Expansion
+from lightning_gradroute.experiments.causal_lm import next_token_losses, token_mean_loss, weighted_token_losses
 from lightning_gradroute.experiments.tinystories.data import (
     EOS_TEXT,
     PAPER_FORGET_WORDS,
@@ -22,13 +23,8 @@ from lightning_gradroute.experiments.tinystories.data import (
     read_stories,
 )
 from lightning_gradroute.experiments.tinystories.demix import DEMixMLP, demix_experts, keep_retain_experts
-from lightning_gradroute.experiments.tinystories.evaluate import (
-    METHODS,
-    UnlearningEvaluation,
-    forget_token_loss,
-    token_mean_loss,
-)
-from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM, next_token_losses
+from lightning_gradroute.experiments.tinystories.evaluate import METHODS, UnlearningEvaluation
+from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
 from lightning_gradroute.experiments.tinystories.rmu import RMU
 from lightning_gradroute.text_labels import keyword_regex
 
@@ -349,7 +345,7 @@ def test_retraining_attack_relearns_forget_stories_on_a_tiny_model(dm: TinyStori
     assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items()), "the attack restores the model"
 
 
-def test_forget_token_loss_weights_tokens_by_their_routing_weight(dm: TinyStoriesDataModule) -> None:
+def test_weighted_token_losses_weight_tokens_by_a_table(dm: TinyStoriesDataModule) -> None:
     torch.manual_seed(0)
     lm = TinyStoriesLM(**TINY_MODEL)
     assert dm.splits is not None and dm.token_weights is not None
@@ -362,12 +358,16 @@ def test_forget_token_loss_weights_tokens_by_their_routing_weight(dm: TinyStorie
         losses, valid = lm.token_losses(batch)
     s = forget_weights[batch["input_ids"][:, 1:]] * valid
     expected = float((losses * s).sum() / s.sum())
-    assert forget_token_loss(lm, [batch], forget_weights) == pytest.approx(expected, rel=1e-5)
+    assert weighted_token_losses(lm, [batch], {"w": forget_weights})["w"] == pytest.approx(expected, rel=1e-5)
     # only routed tokens count: a weight table routing nothing but " tree" scores only those positions
     only_tree = torch.zeros_like(forget_weights)
     only_tree[tree] = 1.0
     hits = (batch["input_ids"][:, 1:] == tree) & valid
-    assert forget_token_loss(lm, [batch], only_tree) == pytest.approx(float(losses[hits].mean()), rel=1e-5)
+    only = weighted_token_losses(lm, [batch], {"tree": only_tree, "other": 1 - only_tree})
+    assert only["tree"] == pytest.approx(float(losses[hits].mean()), rel=1e-5)
+    assert only["other"] == pytest.approx(float(losses[valid & ~hits].mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="'none'"):
+        weighted_token_losses(lm, [batch], {"none": torch.zeros_like(forget_weights)})
 
 
 def test_evaluation_rejects_bad_setups(tmp_path: Path) -> None:

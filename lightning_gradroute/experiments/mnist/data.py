@@ -8,11 +8,7 @@ are missing, ``prepare_data`` fetches them from a public mirror if the machine i
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
-import shutil
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +19,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, StackDataset
 from typing_extensions import override
+
+from lightning_gradroute.experiments.download import fetch, sha256_of
 
 __all__ = [
     "MNIST_FILES",
@@ -54,14 +52,6 @@ MNIST_MIRRORS = (
 )
 # IDX type codes (third byte of the magic number) -> big-endian numpy dtypes.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_idx(path: str | os.PathLike, sha256: str | None = None) -> np.ndarray:
@@ -108,27 +98,8 @@ def download_mnist(data_dir: str | os.PathLike, timeout: float = 30.0) -> None:
     Raises:
         OSError: no mirror could deliver a file (offline, or a wrong file served).
     """
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
     for name in missing_files(data_dir):
-        part = data_dir / f"{name}.part"
-        errors = []
-        for mirror in MNIST_MIRRORS:
-            try:
-                with urllib.request.urlopen(mirror + name, timeout=timeout) as response, open(part, "wb") as out:
-                    shutil.copyfileobj(response, out)
-            except (urllib.error.URLError, OSError) as err:
-                errors.append(f"{mirror}: {err}")
-                part.unlink(missing_ok=True)
-                continue
-            if sha256_of(part) != MNIST_FILES[name]:
-                errors.append(f"{mirror}: checksum mismatch")
-                part.unlink()
-                continue
-            os.replace(part, data_dir / name)
-            break
-        else:
-            raise OSError(f"could not download {name} ({'; '.join(errors)})")
+        fetch([mirror + name for mirror in MNIST_MIRRORS], Path(data_dir) / name, MNIST_FILES[name], timeout=timeout)
 
 
 def load_mnist(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:

@@ -7,25 +7,21 @@ The metric is the paper's: per-image MSE (pixels in [-1, 1]), averaged by digit.
 
 from __future__ import annotations
 
-import itertools
-import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from matplotlib.figure import Figure
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.experiments.mnist.model import MNISTSplitAutoencoder
+from lightning_gradroute.experiments.report import TestSetReport, is_routed, own_vs_other, write_report
 
 __all__ = [
     "OUTPUTS",
@@ -89,11 +85,6 @@ def code_magnitudes(model: MNISTSplitAutoencoder, batches: Sequence[dict[str, Te
     return {label: means[g].tolist() for g, label in enumerate(MNISTSplitAutoencoder.routing_labels)}
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = [v for v in values if not math.isnan(v)]
-    return sum(values) / len(values) if values else math.nan
-
-
 def certificate_split(errors: dict[str, list[float]], own_digits: Sequence[Sequence[int]]) -> list[dict[str, Any]]:
     """For each certificate: mean per-digit MSE on the digits routed to its half ("own") and on the others.
 
@@ -103,10 +94,7 @@ def certificate_split(errors: dict[str, list[float]], own_digits: Sequence[Seque
     """
     summary = []
     for half, own in enumerate(own_digits):
-        other = [d for d in DIGITS if d not in own]
-        per_digit = errors[f"certificate_{half}"]
-        own_mse = _mean(per_digit[d] for d in own)
-        other_mse = _mean(per_digit[d] for d in other)
+        own_mse, other_mse = own_vs_other(errors[f"certificate_{half}"], own)
         entry = {
             "certificate": half,
             "own_digits": list(own),
@@ -115,7 +103,7 @@ def certificate_split(errors: dict[str, list[float]], own_digits: Sequence[Seque
             "other_to_own_ratio": other_mse / own_mse if own_mse > 0 else math.nan,
         }
         if "mean_image" in errors:
-            entry["other_mean_image_mse"] = _mean(errors["mean_image"][d] for d in other)
+            entry["other_mean_image_mse"] = own_vs_other(errors["mean_image"], own)[1]
         summary.append(entry)
     return summary
 
@@ -158,15 +146,16 @@ def plot_reconstructions(
     return figure
 
 
-class CertificateReport(Callback):
+class CertificateReport(TestSetReport):
     """At the end of training: per-digit test error of the decoder and the certificates, figures, ``results.json``.
 
     Writes into ``trainer.log_dir`` (rank 0 only): ``results.json`` (per-digit MSE of every output and, per
     certificate, the error on its own digits vs the other digits), ``mnist_per_digit_error.png`` (the paper's
     bar chart) and ``mnist_reconstructions.png`` (test digits with each output's reconstruction). The figures
     also go to TensorBoard (``test/per_digit_error``, ``test/reconstructions``), the summary numbers to every
-    logger. It runs in ``on_train_end``, while the model is still on its accelerator and the loggers are open,
-    and honours ``Trainer(limit_test_batches=...)`` (so ``fast_dev_run`` evaluates one batch).
+    logger. It runs in ``on_train_end`` with the model in eval mode (see
+    :class:`~lightning_gradroute.experiments.report.TestSetReport`) and honours ``Trainer(limit_test_batches=...)``
+    (so ``fast_dev_run`` evaluates one batch).
 
     Example (YAML, next to the routing callback)::
 
@@ -181,6 +170,8 @@ class CertificateReport(Callback):
         examples_per_digit: columns per digit in the reconstruction grid.
     """
 
+    model_type = MNISTSplitAutoencoder
+
     def __init__(
         self, own_digits: Sequence[Sequence[int]] = ((5, 6, 7, 8, 9), (0, 1, 2, 3, 4)), examples_per_digit: int = 4
     ) -> None:
@@ -194,30 +185,11 @@ class CertificateReport(Callback):
             raise ValueError(
                 f"CertificateReport: examples_per_digit must be a positive int, got {examples_per_digit!r}"
             )
+        super().__init__()
         self.own_digits = groups
         self.examples_per_digit = examples_per_digit
-        self.results: dict[str, Any] | None = None
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective under DDP: every rank asks
-        if not trainer.is_global_zero:
-            return
-        if not isinstance(pl_module, MNISTSplitAutoencoder):
-            raise TypeError(f"CertificateReport needs an MNISTSplitAutoencoder, got {type(pl_module).__name__}")
-        datamodule = trainer.datamodule
-        if datamodule is None:
-            raise ValueError("CertificateReport needs the trainer to be given a datamodule with a test_dataloader")
-        loader = datamodule.test_dataloader()
-        limit = trainer.limit_test_batches
-        batches = limit if isinstance(limit, int) else max(1, math.ceil(limit * len(loader)))
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            self.results = self.evaluate(trainer, pl_module, list(itertools.islice(loader, batches)), out_dir)
-        finally:
-            pl_module.train(was_training)
-
     def evaluate(
         self, trainer: pl.Trainer, model: MNISTSplitAutoencoder, batches: list[dict[str, Tensor]], out_dir: Path
     ) -> dict[str, Any]:
@@ -233,12 +205,8 @@ class CertificateReport(Callback):
             "per_digit_error": plot_per_digit_errors(errors, half_dims),
             "reconstructions": plot_reconstructions(model, batches[0], self.examples_per_digit, half_dims),
         }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        files = {name: str(out_dir / f"mnist_{name}.png") for name in figures}
-        for name, figure in figures.items():
-            figure.savefig(files[name], dpi=120)
         results = {
-            "routed": any(isinstance(cb, GradientRoutingCallback) for cb in trainer.callbacks),
+            "routed": is_routed(trainer),
             "scale": {
                 "epochs": trainer.current_epoch,
                 "steps": trainer.global_step,
@@ -250,10 +218,13 @@ class CertificateReport(Callback):
             "per_digit_mse": errors,
             "mean_abs_code": code_sizes,
             "certificates": summary,
-            "figures": files,
         }
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, allow_nan=True))
-        self._log(trainer, figures, summary)
+        metrics = {
+            f"test/certificate_{entry['certificate']}_{key}": entry[key]
+            for entry in summary
+            for key in ("own_mse", "other_mse", "other_to_own_ratio")
+        }
+        files = write_report(trainer, out_dir, "mnist", results, figures, metrics)
         lines = [f"MNIST certificate report ({'routed' if results['routed'] else 'no routing'}):"]
         for entry in summary:
             lines.append(
@@ -266,16 +237,3 @@ class CertificateReport(Callback):
         lines.append(f"  results: {out_dir / 'results.json'}\n  figures: {', '.join(files.values())}")
         rank_zero_info("\n".join(lines))
         return results
-
-    @staticmethod
-    def _log(trainer: pl.Trainer, figures: dict[str, Figure], summary: list[dict[str, Any]]) -> None:
-        metrics = {
-            f"test/certificate_{entry['certificate']}_{key}": entry[key]
-            for entry in summary
-            for key in ("own_mse", "other_mse", "other_to_own_ratio")
-        }
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            if isinstance(logger, TensorBoardLogger):
-                for name, figure in figures.items():
-                    logger.experiment.add_figure(f"test/{name}", figure, trainer.global_step, close=False)

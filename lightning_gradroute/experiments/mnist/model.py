@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_gradroute.experiments.stages import StepByStage
 from lightning_gradroute.mixin import GradientRoutingMixin
 
 __all__ = ["MNISTSplitAutoencoder", "SplitOutputs", "correlation_penalty", "mlp"]
@@ -62,7 +62,7 @@ class SplitOutputs:
     certificates: list[Tensor]
 
 
-class MNISTSplitAutoencoder(GradientRoutingMixin, pl.LightningModule):
+class MNISTSplitAutoencoder(GradientRoutingMixin, StepByStage):
     """MLP autoencoder with a 32-d code, a main decoder and two certificate decoders (one per code half).
 
     Architecture (paper defaults): encoder 784 -> 2048 -> 512 -> 32 (ReLU between layers, no bias on the
@@ -179,7 +179,8 @@ class MNISTSplitAutoencoder(GradientRoutingMixin, pl.LightningModule):
             "correlation": correlation,
         }
 
-    def _step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    @override
+    def step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
         terms = self.compute_losses(batch["image"], batch["route_labels"])
         # Logs {stage}/loss_digits_0_4 and {stage}/loss_digits_5_9 (mean reconstruction MAE of each group).
         reconstruction = self.routed_loss(terms.pop("item_mae").detach(), batch["route_labels"], stage=stage)
@@ -187,18 +188,6 @@ class MNISTSplitAutoencoder(GradientRoutingMixin, pl.LightningModule):
         metrics[f"{stage}/reconstruction_mae"] = reconstruction
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=len(batch["image"]))
         return terms["loss"]
-
-    @override
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    @override
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    @override
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "test")
 
     @override
     def configure_optimizers(self) -> Any:

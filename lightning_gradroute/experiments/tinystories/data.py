@@ -13,6 +13,12 @@ Routing labels ride in every training batch as ``batch["route_labels"]``:
   weights are computed from ground-truth retain and forget training stories (as the paper does, even under
   partial oversight).
 * ``labels="document"`` (DEMix): one integer per story, 1 for labelled forget stories.
+* ``labels="tokens"`` (steering scalar, token-routing unlearning): per-token integer labels keyed by the next
+  token, 1 where it is one of a token set, in every story
+  (:class:`~lightning_gradroute.text_labels.TokenSetLabels`). The set is ``route_tokens`` as given, or the
+  ``route_top_k`` tokens most over-represented in forget stories
+  (:func:`~lightning_gradroute.text_labels.select_concept_tokens`, the paper's virology procedure, on
+  ground-truth training stories); :attr:`TinyStoriesDataModule.route_token_ids` holds it.
 
 Partial oversight (label recall): only ``floor(oversight * n_forget)`` training forget stories, drawn with
 ``seed``, carry a forget label; the rest train as retain. Label precision below 1 adds false positives: retain
@@ -42,12 +48,19 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_gradroute.labels import partial_oversight
-from lightning_gradroute.text_labels import FrequencyWeightedLabels, keyword_documents, token_frequency_weights
+from lightning_gradroute.labels import LabelSource, partial_oversight
+from lightning_gradroute.text_labels import (
+    FrequencyWeightedLabels,
+    TokenSetLabels,
+    keyword_documents,
+    select_concept_tokens,
+    token_frequency_weights,
+)
 
 __all__ = [
     "EOS_TEXT",
     "PAPER_FORGET_WORDS",
+    "StoryBatches",
     "StorySplits",
     "TinyStoriesDataModule",
     "label_noise",
@@ -73,8 +86,9 @@ def load_tokenizer(spec: str, stories: Sequence[str] = (), bpe_vocab_size: int =
 
     Args:
         spec: ``"bpe"`` trains a byte-level BPE of ``bpe_vocab_size`` tokens on ``stories`` (deterministic,
-            about 1 s for the carried sample); anything else is the path of a tokenizer JSON file, gzipped or
-            not (``data/gpt2-tokenizer/tokenizer.json.gz`` is the GPT-2 / GPT-Neo tokenizer).
+            about 1 s for the carried sample); ``"hf:<repo>"`` loads a Hub tokenizer (``"hf:Qwen/Qwen2-0.5B"``,
+            online or cached); anything else is the path of a tokenizer JSON file, gzipped or not
+            (``data/gpt2-tokenizer/tokenizer.json.gz`` is the GPT-2 / GPT-Neo tokenizer).
     """
     if spec == "bpe":
         if not stories:
@@ -90,11 +104,14 @@ def load_tokenizer(spec: str, stories: Sequence[str] = (), bpe_vocab_size: int =
         )
         tokenizer.train_from_iterator(stories, trainer)
         return tokenizer
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer: {spec!r} is neither 'bpe' nor an existing tokenizer JSON file")
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+    if spec.startswith("hf:"):
+        tokenizer = Tokenizer.from_pretrained(spec[3:])  # from the Hugging Face Hub (or its local cache)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer: {spec!r} is neither 'bpe', 'hf:<repo>' nor a tokenizer JSON file")
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
     if tokenizer.token_to_id(EOS_TEXT) is None:
         raise ValueError(f"tokenizer {spec!r} has no {EOS_TEXT!r} token")
     return tokenizer
@@ -138,6 +155,8 @@ class StorySplits:
             truth) and ``train_labelled`` (carries a forget label) flags.
         retain_val / forget_val: held-out test sets of retain and forget stories.
         attack_pool: held-out forget stories the retraining attack trains on.
+        retain_pool: held-out retain stories that retraining on the retain side trains on (a symmetric
+            retraining protocol), disjoint from ``retain_val``.
         coherence_train / coherence_val: retain training stories for the coherence fine-tune and its
             best-checkpoint selection (disjoint).
     """
@@ -148,6 +167,7 @@ class StorySplits:
     retain_val: list[list[int]]
     forget_val: list[list[int]]
     attack_pool: list[list[int]]
+    retain_pool: list[list[int]]
     coherence_train: list[list[int]]
     coherence_val: list[list[int]]
 
@@ -163,7 +183,100 @@ class _Stories(torch.utils.data.Dataset):
         return {"ids": self.ids[i], "forget": self.forget[i], "labelled": self.labelled[i]}
 
 
-class TinyStoriesDataModule(pl.LightningDataModule):
+class StoryBatches:
+    """Batching shared by the text data modules: a mixin for a ``LightningDataModule`` that has set, in ``setup``,
+    ``tokenizer`` (with ``<|endoftext|>``), ``splits`` (:class:`StorySplits`) and ``route_labels(batch)``, and has
+    ``hparams.batch_size`` and ``hparams.num_workers``.
+
+    Every batch is a dict: right-padded ``input_ids`` / ``attention_mask`` (pad = ``<|endoftext|>``), per-story
+    ``forget`` / ``labelled`` flags and ``route_labels``. Validation and :meth:`batches` carry the ground truth per
+    story (1 for forget stories) as ``route_labels``, so the mixin logs ``val/loss_<label>`` per set.
+    """
+
+    tokenizer: Tokenizer | None
+    splits: StorySplits | None
+    hparams: Any
+
+    def route_labels(self, batch: dict[str, Tensor]) -> Tensor:
+        """The routing labels of a training batch."""
+        raise NotImplementedError
+
+    @property
+    def vocab_size(self) -> int:
+        if self.tokenizer is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() first")
+        return self.tokenizer.get_vocab_size()
+
+    @property
+    def eos_id(self) -> int:
+        assert self.tokenizer is not None
+        return self.tokenizer.token_to_id(EOS_TEXT)
+
+    def single_token(self, text: str, what: str) -> int:
+        """The id of ``text``, which must be exactly one token of this tokenizer."""
+        assert self.tokenizer is not None
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if len(ids) != 1:
+            raise ValueError(f"{type(self).__name__}: {what} {text!r} is {len(ids)} tokens {ids}, not one token")
+        return ids[0]
+
+    def collate(self, items: Sequence[dict[str, Any]] | Sequence[list[int]]) -> dict[str, Tensor]:
+        """Right-padded ``input_ids`` / ``attention_mask`` (pad = ``<|endoftext|>``) plus flags and route labels.
+
+        Items are dataset items (``{"ids", "forget", "labelled"}``) or bare id lists (flags then False).
+        """
+        items = [it if isinstance(it, dict) else {"ids": it, "forget": False, "labelled": False} for it in items]
+        length = max(len(it["ids"]) for it in items)
+        input_ids = torch.full((len(items), length), self.eos_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, it in enumerate(items):
+            input_ids[row, : len(it["ids"])] = torch.tensor(it["ids"])
+            attention_mask[row, : len(it["ids"])] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "forget": torch.tensor([it["forget"] for it in items]),
+            "labelled": torch.tensor([it["labelled"] for it in items]),
+        }
+        batch["route_labels"] = self.route_labels(batch)
+        return batch
+
+    def _collate_ground_truth(self, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+        batch = self.collate(items)
+        batch["route_labels"] = batch["forget"].long()
+        return batch
+
+    def batches(
+        self, stories: Sequence[list[int]], batch_size: int | None = None, forget: bool = False
+    ) -> Iterator[dict[str, Tensor]]:
+        """Batches of ``stories`` in order; ``route_labels`` (per story) say whether they are forget stories."""
+        size = batch_size or self.hparams.batch_size
+        for start in range(0, len(stories), size):
+            chunk = stories[start : start + size]
+            yield self._collate_ground_truth([{"ids": ids, "forget": forget, "labelled": forget} for ids in chunk])
+
+    def _require_splits(self) -> StorySplits:
+        if self.splits is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() first")
+        return self.splits
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        splits = self._require_splits()
+        # Interleaved, so that a run limited to a few validation batches still sees both sets.
+        retain = [(ids, False) for ids in splits.retain_val]
+        forget = [(ids, True) for ids in splits.forget_val]
+        pairs = [pair for both in itertools.zip_longest(retain, forget) for pair in both if pair is not None]
+        flags = [is_forget for _, is_forget in pairs]
+        return DataLoader(
+            _Stories([ids for ids, _ in pairs], flags, flags),
+            batch_size=self.hparams.batch_size,
+            collate_fn=self._collate_ground_truth,
+            num_workers=self.hparams.num_workers,
+        )
+
+
+class TinyStoriesDataModule(StoryBatches, pl.LightningDataModule):
     """TinyStories split into forget and retain stories, with routing labels per token or per story.
 
     Example (the quick CPU setting)::
@@ -186,12 +299,18 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         precision: fraction of the labelled training stories that are forget stories; below 1, retain stories
             are labelled forget too (false positives, seeded by ``seed``; see :func:`label_noise`).
         drop_labelled_forget: leave labelled forget stories out of training (the data-filtering baseline).
-        labels: ``"frequency"`` per-token soft labels (ERA) or ``"document"`` per-story labels (DEMix).
+        labels: ``"frequency"`` per-token soft labels (ERA), ``"document"`` per-story labels (DEMix) or
+            ``"tokens"`` per-token labels from a token set (needs ``oversight=1``: every story is routed).
+        route_tokens: ``labels="tokens"``: the routed tokens as text, each exactly one token (``" Lily"``).
+        route_top_k: ``labels="tokens"``: instead, route the ``route_top_k`` tokens with the highest
+            forget / retain frequency ratio (:func:`~lightning_gradroute.text_labels.select_concept_tokens` with
+            ``route_min_count`` and ``route_exclude``, single-token strings left out by hand).
         truncate_chars: cut every story to this many characters before classifying and tokenising.
         max_tokens: tokens per story including the leading ``<|endoftext|>``.
         batch_size: training and validation batch size.
         num_val_stories: held-out retain and forget stories each (forget ones after the attack pool).
         num_attack_stories: held-out forget stories for the retraining attack.
+        num_retain_pool_stories: held-out retain stories for retraining on the retain side (0: none).
         num_coherence_stories: retain training stories for the coherence fine-tune.
         num_coherence_val_stories: other retain training stories to select the fine-tune's best step.
         frequency_stories: at most this many retain and forget training stories each for the token statistics.
@@ -211,12 +330,17 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         oversight: float = 1.0,
         precision: float = 1.0,
         drop_labelled_forget: bool = False,
-        labels: Literal["frequency", "document"] = "frequency",
+        labels: Literal["frequency", "document", "tokens"] = "frequency",
+        route_tokens: Sequence[str] | None = None,
+        route_top_k: int | None = None,
+        route_min_count: int = 5,
+        route_exclude: Sequence[str] = (),
         truncate_chars: int = 1029,
         max_tokens: int = 256,
         batch_size: int = 80,
         num_val_stories: int = 3000,
         num_attack_stories: int = 64,
+        num_retain_pool_stories: int = 0,
         num_coherence_stories: int = 64,
         num_coherence_val_stories: int = 1000,
         frequency_stories: int = 25_000,
@@ -230,8 +354,22 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             raise ValueError(f"TinyStoriesDataModule: oversight must be in [0, 1], got {oversight}")
         if isinstance(precision, bool) or not isinstance(precision, (int, float)) or not 0 < precision <= 1:
             raise ValueError(f"TinyStoriesDataModule: precision must be in (0, 1], got {precision!r}")
-        if labels not in ("frequency", "document"):
-            raise ValueError(f"TinyStoriesDataModule: labels must be 'frequency' or 'document', got {labels!r}")
+        if labels not in ("frequency", "document", "tokens"):
+            raise ValueError(
+                f"TinyStoriesDataModule: labels must be 'frequency', 'document' or 'tokens', got {labels!r}"
+            )
+        if labels == "tokens":
+            if (route_tokens is None) == (route_top_k is None):
+                raise ValueError("TinyStoriesDataModule(labels='tokens'): set exactly one of route_tokens, route_top_k")
+            if oversight != 1.0 or precision != 1.0 or drop_labelled_forget:
+                raise ValueError(
+                    "TinyStoriesDataModule(labels='tokens') routes the token set in every story; oversight, "
+                    "precision and drop_labelled_forget apply to 'frequency' and 'document' labels"
+                )
+        elif route_tokens is not None or route_top_k is not None or route_exclude:
+            raise ValueError(
+                f"TinyStoriesDataModule: route_tokens/route_top_k/route_exclude need labels='tokens', not {labels!r}"
+            )
         for name in (
             "truncate_chars",
             "max_tokens",
@@ -246,6 +384,9 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             value = locals()[name]
             if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "max_tokens" else 1):
                 raise ValueError(f"TinyStoriesDataModule: {name} must be a positive int, got {value!r}")
+        pool = num_retain_pool_stories
+        if isinstance(pool, bool) or not isinstance(pool, int) or pool < 0:
+            raise ValueError(f"TinyStoriesDataModule: num_retain_pool_stories must be an int >= 0, got {pool!r}")
         if tokenizer != "bpe" and not Path(tokenizer).is_file():
             raise FileNotFoundError(f"TinyStoriesDataModule: tokenizer {tokenizer!r} is neither 'bpe' nor a file")
         if dataset_id is None and not (Path(data_dir) / SAMPLE_FILE).is_file():
@@ -258,7 +399,11 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         self.tokenizer: Tokenizer | None = None
         self.splits: StorySplits | None = None
         self.token_weights: Tensor | None = None
-        self.label_source: FrequencyWeightedLabels | None = None
+        self.label_source: LabelSource | None = None
+        #: ``labels="tokens"``: the routed token ids, and each one's forget / retain frequency ratio when chosen by
+        #: ``route_top_k`` (``None`` for ``route_tokens``).
+        self.route_token_ids: list[int] = []
+        self.route_token_ratios: list[float] | None = None
 
     # ------------------------------------------------------------------ loading
     def _load_texts(self) -> tuple[list[str], list[str]]:
@@ -272,17 +417,6 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         train = datasets.load_dataset(hp.dataset_id, split=f"train[:{hp.num_train_stories}]")[hp.text_column]
         held_out = datasets.load_dataset(hp.dataset_id, split="validation")[hp.text_column]
         return [s.strip() for s in train if s.strip()], [s.strip() for s in held_out if s.strip()]
-
-    @property
-    def vocab_size(self) -> int:
-        if self.tokenizer is None:
-            raise RuntimeError("TinyStoriesDataModule: call setup() first")
-        return self.tokenizer.get_vocab_size()
-
-    @property
-    def eos_id(self) -> int:
-        assert self.tokenizer is not None
-        return self.tokenizer.token_to_id(EOS_TEXT)
 
     def encode(self, stories: Sequence[str]) -> list[list[int]]:
         """Token ids of ``<|endoftext|>`` + story, at most ``max_tokens`` long."""
@@ -319,10 +453,12 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         forget_held = [ids for ids, f in zip(held_ids, held_forget) if f]
         retain_held = [ids for ids, f in zip(held_ids, held_forget) if not f]
         need_forget = hp.num_attack_stories + hp.num_val_stories
-        if len(forget_held) < need_forget or len(retain_held) < hp.num_val_stories:
+        need_retain = hp.num_val_stories + hp.num_retain_pool_stories
+        if len(forget_held) < need_forget or len(retain_held) < need_retain:
             raise ValueError(
                 f"TinyStoriesDataModule: the held-out stories have {len(forget_held)} forget / {len(retain_held)} "
-                f"retain; need {need_forget} / {hp.num_val_stories} (lower num_val_stories or num_attack_stories)"
+                f"retain; need {need_forget} / {need_retain} (lower num_val_stories, num_attack_stories or "
+                "num_retain_pool_stories)"
             )
         train_labelled = label_noise(train_forget, hp.oversight, hp.precision, seed=hp.seed)
         retain_ids = [ids for ids, f in zip(train_ids, train_forget) if not f]
@@ -341,7 +477,14 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             retain_smoothing=hp.retain_smoothing,
             forget_smoothing=hp.forget_smoothing,
         )
-        self.label_source = FrequencyWeightedLabels(self.token_weights, document_key="labelled")
+        if hp.labels == "tokens":
+            self._choose_route_tokens(
+                [ids[1:] for ids in retain_ids[: hp.frequency_stories]],
+                [ids[1:] for ids in forget_ids[: hp.frequency_stories]],
+            )
+            self.label_source = TokenSetLabels(self.route_token_ids)
+        else:
+            self.label_source = FrequencyWeightedLabels(self.token_weights, document_key="labelled")
 
         keep = [not (hp.drop_labelled_forget and lab) for lab in train_labelled]
         self.splits = StorySplits(
@@ -351,9 +494,26 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             retain_val=retain_held[: hp.num_val_stories],
             forget_val=forget_held[hp.num_attack_stories : need_forget],
             attack_pool=forget_held[: hp.num_attack_stories],
+            retain_pool=retain_held[hp.num_val_stories : need_retain],
             coherence_train=retain_ids[: hp.num_coherence_stories],
             coherence_val=retain_ids[hp.num_coherence_stories : n_coherence],
         )
+
+    def _choose_route_tokens(self, retain: list[list[int]], forget: list[list[int]]) -> None:
+        hp = self.hparams
+        if hp.route_tokens is not None:
+            self.route_token_ids = [self.single_token(text, "route_tokens entry") for text in hp.route_tokens]
+            return
+        chosen = select_concept_tokens(
+            retain,
+            forget,
+            vocab_size=self.vocab_size,
+            top_k=hp.route_top_k,
+            min_forget_count=hp.route_min_count,
+            exclude=[self.eos_id] + [self.single_token(text, "route_exclude entry") for text in hp.route_exclude],
+        )
+        self.route_token_ids = [token for token, _ in chosen]
+        self.route_token_ratios = [ratio for _, ratio in chosen]
 
     def _carve_held_out(
         self, ids: list[list[int]], forget: list[bool]
@@ -361,7 +521,10 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         """Split one story list into held-out and training stories: the first forget and retain stories (in the
         shuffled order) that the test sets and the attack pool need are held out."""
         hp = self.hparams
-        need = {True: hp.num_attack_stories + hp.num_val_stories, False: hp.num_val_stories}
+        need = {
+            True: hp.num_attack_stories + hp.num_val_stories,
+            False: hp.num_val_stories + hp.num_retain_pool_stories,
+        }
         held_ids, held_forget, train_ids, train_forget = [], [], [], []
         for story, is_forget in zip(ids, forget):
             if need[is_forget] > 0:
@@ -374,49 +537,12 @@ class TinyStoriesDataModule(pl.LightningDataModule):
         return held_ids, held_forget, train_ids, train_forget
 
     # -------------------------------------------------------------- batching
-    def collate(self, items: Sequence[dict[str, Any]] | Sequence[list[int]]) -> dict[str, Tensor]:
-        """Right-padded ``input_ids`` / ``attention_mask`` (pad = ``<|endoftext|>``) plus flags and route labels.
-
-        Items are dataset items (``{"ids", "forget", "labelled"}``) or bare id lists (flags then False).
-        """
-        items = [it if isinstance(it, dict) else {"ids": it, "forget": False, "labelled": False} for it in items]
-        length = max(len(it["ids"]) for it in items)
-        input_ids = torch.full((len(items), length), self.eos_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, it in enumerate(items):
-            input_ids[row, : len(it["ids"])] = torch.tensor(it["ids"])
-            attention_mask[row, : len(it["ids"])] = 1
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "forget": torch.tensor([it["forget"] for it in items]),
-            "labelled": torch.tensor([it["labelled"] for it in items]),
-        }
-        if self.hparams.labels == "frequency":
-            assert self.label_source is not None
-            batch["route_labels"] = self.label_source(batch)
-        else:
-            batch["route_labels"] = batch["labelled"].long()
-        return batch
-
-    def _collate_ground_truth(self, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-        batch = self.collate(items)
-        batch["route_labels"] = batch["forget"].long()
-        return batch
-
-    def batches(
-        self, stories: Sequence[list[int]], batch_size: int | None = None, forget: bool = False
-    ) -> Iterator[dict[str, Tensor]]:
-        """Batches of ``stories`` in order; ``route_labels`` (per story) say whether they are forget stories."""
-        size = batch_size or self.hparams.batch_size
-        for start in range(0, len(stories), size):
-            chunk = stories[start : start + size]
-            yield self._collate_ground_truth([{"ids": ids, "forget": forget, "labelled": forget} for ids in chunk])
-
-    def _require_splits(self) -> StorySplits:
-        if self.splits is None:
-            raise RuntimeError("TinyStoriesDataModule: call setup() first")
-        return self.splits
+    @override
+    def route_labels(self, batch: dict[str, Tensor]) -> Tensor:
+        if self.hparams.labels == "document":
+            return batch["labelled"].long()
+        assert self.label_source is not None
+        return self.label_source(batch)
 
     @override
     def train_dataloader(self) -> DataLoader:
@@ -433,25 +559,16 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             num_workers=self.hparams.num_workers,
         )
 
-    @override
-    def val_dataloader(self) -> DataLoader:
-        splits = self._require_splits()
-        # Interleaved, so that a run limited to a few validation batches still sees both sets.
-        retain = [(ids, False) for ids in splits.retain_val]
-        forget = [(ids, True) for ids in splits.forget_val]
-        pairs = [pair for both in itertools.zip_longest(retain, forget) for pair in both if pair is not None]
-        flags = [is_forget for _, is_forget in pairs]
-        return DataLoader(
-            _Stories([ids for ids, _ in pairs], flags, flags),
-            batch_size=self.hparams.batch_size,
-            collate_fn=self._collate_ground_truth,
-            num_workers=self.hparams.num_workers,
-        )
-
     def summary(self) -> dict[str, Any]:
-        """Counts of the story sets (for results.json and the README)."""
+        """Counts of the story sets and the routed tokens (for results.json and the README)."""
         splits = self._require_splits()
         flags = list(zip(splits.train_forget, splits.train_labelled))
+        assert self.tokenizer is not None
+        routed = [
+            {"id": token, "text": self.tokenizer.decode([token])}
+            | ({"ratio": round(self.route_token_ratios[i], 2)} if self.route_token_ratios else {})
+            for i, token in enumerate(self.route_token_ids)
+        ]
         return {
             "train_stories": len(splits.train),
             "train_forget_stories": sum(splits.train_forget),
@@ -460,7 +577,8 @@ class TinyStoriesDataModule(pl.LightningDataModule):
             "retain_val_stories": len(splits.retain_val),
             "forget_val_stories": len(splits.forget_val),
             "attack_pool_stories": len(splits.attack_pool),
+            "retain_pool_stories": len(splits.retain_pool),
             "vocab_size": self.vocab_size,
             "forget_fraction": round(sum(splits.train_forget) / max(1, len(splits.train)), 4),
             "tokens_mostly_routed": int((self.token_weights < 0.5).sum()) if self.token_weights is not None else 0,
-        }
+        } | ({"routed_tokens": routed} if routed else {})

@@ -27,10 +27,10 @@ stage (``pre_ablation`` right after training, ``post_ablation``, ``final`` after
 diagnostic of ours, the loss on the forget stories' tokens weighted by how forget-characteristic each is
 (``1 - w``, the routing weight), which isolates the concept from the ordinary English around it. The
 attack fine-tunes the final model on ``attack_stories`` forget stories drawn (per seed) from the held-out
-attack pool, as one batch (or cycled batches of ``attack_batch_size``), and records the seed-averaged losses (``attack_metrics``) after every
-``attack_eval_every``-th step; the "robust" forget loss is the lowest point of that curve (step 0 included).
-Unlike the paper's script the attack never stops early, so its lowest loss is at most the paper's for the same
-runs. With several learning rates (``attack_lr`` a list, an attacker's sweep) every rate runs from the same
+attack pool, as one batch (or cycled batches of ``attack_batch_size``), and records the seed-averaged losses
+(``attack_metrics``) after every ``attack_eval_every``-th step; the "robust" forget loss is the lowest point of
+that curve (step 0 included). Unlike the paper's script the attack never stops early, so its lowest loss is at
+most the paper's for the same runs. With several learning rates (``attack_lr`` a list, an attacker's sweep) every rate runs from the same
 weights and the robust forget loss is the lowest over all of them; the curves of each rate are kept, so the
 steps the attack needs to reach a reference loss (SGTM's steps to recover) can be read off afterwards.
 
@@ -48,50 +48,30 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation import coherence_finetune, mean_loss, retraining_attack, steps_to_recover
-from lightning_gradroute.evaluation.losses import evaluation_mode, model_device
+from lightning_gradroute.evaluation import mean_loss, retraining_attack, steps_to_recover
+from lightning_gradroute.experiments.causal_lm import (
+    coherence_finetune_on_stories,
+    token_mean_loss,
+    weighted_token_losses,
+)
 from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule
 from lightning_gradroute.experiments.tinystories.dedicated import zero_dedicated_units
 from lightning_gradroute.experiments.tinystories.demix import keep_retain_experts
 from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
 from lightning_gradroute.experiments.tinystories.rmu import RMU
 
-__all__ = ["LOSSES", "METHODS", "UnlearningEvaluation", "forget_token_loss", "recovery_steps", "token_mean_loss"]
+__all__ = ["LOSSES", "METHODS", "UnlearningEvaluation", "recovery_steps"]
 
 METHODS = ("era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base")
 Method = Literal["era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base"]
-#: The held-out losses the pipeline measures (``forget_tokens``: see :func:`forget_token_loss`).
+#: The held-out losses the pipeline measures (``forget_tokens``: the forget stories' tokens weighted by ``1 - w``).
 LOSSES = ("retain", "forget", "forget_tokens")
 _GRAD_NORM_PREFIX = "gradroute/grad_norm/"
-
-
-def token_mean_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """Mean next-token loss over the real tokens of ``batch``, for a :class:`TinyStoriesLM`."""
-    assert isinstance(model, TinyStoriesLM)
-    losses, valid = model.token_losses(batch)
-    return (losses * valid).sum() / valid.sum().clamp_min(1)
-
-
-def forget_token_loss(model: nn.Module, batches: list[dict[str, Tensor]], forget_weights: Tensor) -> float:
-    """Loss on the forget-characteristic tokens: the token-average over ``batches`` weighted by
-    ``forget_weights[target]`` (``1 - w``, the soft label each target token gets in a labelled forget story)."""
-    total = weight = 0.0
-    with evaluation_mode(model):
-        for batch in batches:
-            batch = move_data_to_device(batch, model_device(model))
-            losses, valid = model.token_losses(batch)  # type: ignore[operator]
-            routed = forget_weights.to(losses.device)[batch["input_ids"][:, 1:]] * valid
-            total += float((losses * routed).sum())
-            weight += float(routed.sum())
-    if weight == 0:
-        raise ValueError("forget_token_loss: no forget-characteristic token in the batches")
-    return total / weight
 
 
 def recovery_steps(attack: dict[str, Any], target_loss: float) -> int | None:
@@ -223,7 +203,7 @@ class UnlearningEvaluation(pl.Callback):
                 f"UnlearningEvaluation(method={self.method!r}): 'era' needs the routing callback's expansions (it "
                 "contracts them), 'param_routing' routes without one (it zeroes the units only forget data trains)"
             )
-        if (self.method == "token_filtering") != (pl_module.hparams.token_filter_threshold is not None):
+        if (self.method == "token_filtering") != (pl_module.token_filter_threshold is not None):
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}) needs a model with token_filter_threshold "
                 f"{'set' if self.method == 'token_filtering' else 'None'}"
@@ -259,7 +239,7 @@ class UnlearningEvaluation(pl.Callback):
         losses["forget"] = mean_loss(model, forget, token_mean_loss)
         if "forget_tokens" in which:
             token_weights = trainer.datamodule.token_weights  # type: ignore[attr-defined]
-            losses["forget_tokens"] = forget_token_loss(model, forget, 1 - token_weights)
+            losses |= weighted_token_losses(model, forget, {"forget_tokens": 1 - token_weights})
         return losses
 
     # ------------------------------------------------------------------ stages
@@ -314,15 +294,9 @@ class UnlearningEvaluation(pl.Callback):
 
         steps = min(self.coherence_steps, 1) if quick else self.coherence_steps
         if steps:
-            coherence_val = list(dm.batches(self._stories(trainer, dm.splits.coherence_val), self.eval_batch_size))
-            coherence_train = self._stories(trainer, dm.splits.coherence_train)
-            coherence = coherence_finetune(
-                pl_module,
-                token_mean_loss,
-                next(dm.batches(coherence_train, len(coherence_train))),
-                eval_fn=lambda m: mean_loss(m, coherence_val, token_mean_loss),
-                steps=steps,
-                lr=self.coherence_lr,
+            limit = dm.hparams.batch_size if quick else None
+            coherence = coherence_finetune_on_stories(
+                pl_module, dm, steps, self.coherence_lr, self.eval_batch_size, limit
             )
             results["coherence"] = coherence.to_dict()
         results["final"] = self._losses(trainer, pl_module)

@@ -1,0 +1,69 @@
+"""Run one ``gradroute fit`` for a benchmark script: a subprocess with its command and output in a log file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_logged(cli_args: list[str], run_dir: Path) -> float:
+    """Run ``gradroute fit <cli_args>`` with this Python from the repository root, writing the command and
+    everything it prints to ``<run_dir>/log.txt``; return the wall time in seconds.
+
+    Raises:
+        subprocess.CalledProcessError: the run failed (its log says why).
+    """
+    return fit_timed(cli_args, run_dir)["wall"]
+
+
+def fit_timed(cli_args: list[str], run_dir: Path, env: Mapping[str, str] | None = None) -> dict[str, float]:
+    """:func:`fit_logged`, returning ``{"wall": ..., "cpu": ...}``: the wall time and the run's own CPU time
+    (user + system of the child process; on a shared CPU wall time mostly measures waiting for a core).
+    ``env`` replaces the subprocess's environment (default: this process's)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "lightning_gradroute.cli", "fit", *cli_args]
+    started = time.perf_counter()
+    with open(run_dir / "log.txt", "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own CPU time, unlike RUSAGE_CHILDREN
+    if (code := os.waitstatus_to_exitcode(status)) != 0:
+        raise subprocess.CalledProcessError(code, command)
+    return {"wall": time.perf_counter() - started, "cpu": usage.ru_utime + usage.ru_stime}
+
+
+def fit_cached(configs: Sequence[Path], run_dir: Path, seed: int, extra: Sequence[str] = ()) -> dict:
+    """Train ``gradroute fit --config c1 --config c2 ... --seed_everything seed <extra>`` into ``run_dir``.
+
+    Returns the run's ``results.json``; a run whose ``results.json`` exists is not trained again. The run has no
+    logger and no checkpoints, one thread unless ``OMP_NUM_THREADS`` says otherwise, and its wall-clock and CPU
+    seconds in ``seconds.json`` (:func:`fit_seconds`).
+    """
+    results = run_dir / "results.json"
+    if not results.exists():
+        cli_args = [
+            *(arg for config in configs for arg in ("--config", str(config))),
+            f"--seed_everything={seed}",
+            "--trainer.logger=false",
+            "--trainer.enable_checkpointing=false",
+            "--trainer.enable_progress_bar=false",
+            f"--trainer.default_root_dir={run_dir}",
+            *extra,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        seconds = fit_timed(cli_args, run_dir, env=env)
+        (run_dir / "seconds.json").write_text(json.dumps(seconds))
+    return json.loads(results.read_text())
+
+
+def fit_seconds(run_dir: Path) -> dict[str, float]:
+    """``{"wall": ..., "cpu": ...}`` of a run trained by :func:`fit_cached`."""
+    return json.loads((run_dir / "seconds.json").read_text())
