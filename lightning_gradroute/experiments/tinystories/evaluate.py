@@ -30,9 +30,10 @@ attack fine-tunes the final model on ``attack_stories`` forget stories drawn (pe
 attack pool, as one batch (or cycled batches of ``attack_batch_size``), and records the seed-averaged losses
 (``attack_metrics``) after every ``attack_eval_every``-th step; the "robust" forget loss is the lowest point of
 that curve (step 0 included). Unlike the paper's script the attack never stops early, so its lowest loss is at
-most the paper's for the same runs. With several learning rates (``attack_lr`` a list, an attacker's sweep) every rate runs from the same
-weights and the robust forget loss is the lowest over all of them; the curves of each rate are kept, so the
-steps the attack needs to reach a reference loss (SGTM's steps to recover) can be read off afterwards.
+most the paper's for the same runs. With several learning rates (``attack_lr`` a list, an attacker's sweep) every
+rate runs from the same weights and the robust forget loss is the lowest over all of them; the curves of each rate
+are kept, so the steps the attack needs to reach a reference loss (SGTM's steps to recover) can be read off
+afterwards.
 
 With ``log_grad_norms=True`` on the routing callback, the mean over training steps of each logged gradient norm
 (``gradroute/grad_norm/<target>/<label>/<units>``) is copied into ``results.json`` (``grad_norms``).
