@@ -112,7 +112,9 @@ class GradientRoutingCallback(Callback):
             routed gradient that the batch's items of each label send into each unit group (``"all"`` and every
             selection a route names), over all ranks' items and divided by the world size as DDP averages, so it
             equals one process on the global batch. A forget label's norm into ``"original"`` units shows leakage
-            directly. Costs one small all-reduce per step under DDP.
+            directly. For a parameter target it is the norm of each label's items' share of the parameter's
+            gradient per unit group (computed per label: the summed gradient may differ in float rounding).
+            Costs one small all-reduce per step under DDP.
 
     Raises:
         ValueError: in the constructor for malformed targets, routes, labels or expansions and route sets that
@@ -240,7 +242,8 @@ class GradientRoutingCallback(Callback):
             root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir
             self.ablated_dir = Path(root or trainer.default_root_dir) / "ablated"
         self.router.attach(pl_module, record)
-        rank_zero_info(f"gradient routing on {len(self.router.sites)} sites:\n{self.router.describe()}")
+        where = f"{len(self.router.sites)} sites and {len(self.router.parameters)} parameters"
+        rank_zero_info(f"gradient routing on {where}:\n{self.router.describe()}")
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         """Refuse, with why and what to use, the strategies this configuration cannot route exactly under."""

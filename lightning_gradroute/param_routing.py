@@ -41,6 +41,7 @@ from lightning_gradroute.targets import (
     raise_route_problems,
     resolve_parameters,
     route_table,
+    telemetry_groups,
 )
 
 __all__ = ["ParameterRoutingMode", "RoutedParameter", "flat_labels", "resolve_routed_parameters", "routed_parameter"]
@@ -59,12 +60,13 @@ def routed_parameter(param: Tensor) -> RoutedParameter | None:
 class RoutedParameter:
     """One routed parameter: its ``(labels, units)`` weight table along ``dim`` and what backward recorded.
 
-    Counters (while labels are set): ``calls`` routed uses in forward, ``backward`` gradients computed.
+    Counters (while labels are set): ``calls`` routed uses in forward, ``backward`` gradients computed. With
+    :attr:`telemetry` on, backward also adds each label's squared gradient norm per unit group to :attr:`grad_sq`.
     """
 
     def __init__(
         self, label_names: Sequence[str], target_name: str, target: ParameterTarget, name: str, param: nn.Parameter,
-        weights: Tensor,
+        weights: Tensor, groups: tuple[list[str], Tensor],
     ) -> None:  # fmt: skip
         self.num_labels = len(label_names)
         self.target_name = target_name
@@ -76,6 +78,10 @@ class RoutedParameter:
         self.calls = self.backward = 0
         #: set by an optimizer that keeps moments per label: backward then records each label's gradient share
         self.keep_label_grads = False
+        #: set by a router with telemetry: backward then records :attr:`grad_sq`
+        self.telemetry = False
+        self.group_names, self._group_matrix = groups[0], groups[1].to(param.device)
+        self.grad_sq: Tensor | None = None  # (labels, unit groups) squared gradient norms
         self._allowed: Tensor | None = None
         self._label_grads: Tensor | None = None
 
@@ -114,6 +120,13 @@ class RoutedParameter:
         self._allowed = allowed if self._allowed is None else self._allowed | allowed
         if label_grads is not None:
             self._label_grads = label_grads if self._label_grads is None else self._label_grads + label_grads
+
+    def record_grad_norms(self, label_grads: Tensor) -> None:
+        """Add each label's squared gradient norm per unit group (``label_grads``: ``(labels, *param.shape)``)."""
+        square = label_grads.detach().float().square()
+        per_unit = square.transpose(1, 1 + self.dim).reshape(self.num_labels, square.shape[1 + self.dim], -1).sum(2)
+        grad_sq = per_unit @ self._group_matrix.to(per_unit.device)
+        self.grad_sq = grad_sq if self.grad_sq is None else self.grad_sq + grad_sq
 
     def pop_step(self) -> tuple[Tensor | None, Tensor | None]:
         """The allowed units and the label gradients since the last call (for an optimizer step); resets them."""
@@ -157,7 +170,8 @@ def resolve_routed_parameters(
             groups = {"expanded": list(range(size)) if new else [], "original": [] if new else list(range(size))}
         where = f"parameter target {target_name!r} ({name!r}, dim {target.dim})"
         table = route_table(label_names, target.units, routes, size, groups, where)
-        found.append(RoutedParameter(label_names, target_name, target, name, param, table.weights))
+        unit_groups = telemetry_groups(target.units, routes, size, groups, where)
+        found.append(RoutedParameter(label_names, target_name, target, name, param, table.weights, unit_groups))
         tables.append(table)
     # A problem counts where it holds at every parameter: report it as the last parameter saw it.
     every = RouteTable(
@@ -201,7 +215,7 @@ def _weighted(
     allowed units and, if kept, each label's share."""
     # Hard labels: a unit is allowed where a label present in the batch has a nonzero weight (no pass over items).
     present = None if labels.is_floating_point() else label_counts(labels, route.num_labels) > 0
-    if not route.keep_label_grads:
+    if not route.keep_label_grads and not route.telemetry:
         weights = route.item_weights(labels, dtype)
         allowed = (weights != 0).any(0) if present is None else ((route.table != 0) & present[:, None]).any(0)
         route.record(allowed, None)
@@ -209,7 +223,7 @@ def _weighted(
     shares = route.label_shares(labels, dtype)
     allowed = (shares != 0).any(1) if present is None else (route.table != 0) & present[:, None]
     per_label = torch.stack([combine(share) for share in shares])
-    route.record(allowed, per_label)
+    _record_labels(route, allowed, per_label)
     return per_label.sum(0)
 
 
@@ -311,12 +325,22 @@ def _row_weighted(
     shares = membership * route.table.to(grad.dtype)[:, ids].t()  # (items, labels): label l's share per item
     reads = torch.zeros(route.num_labels, route.param.shape[0], dtype=grad.dtype, device=grad.device)
     touched = reads.index_add_(1, ids, (shares != 0).to(grad.dtype).t()) > 0  # rows read with a nonzero weight
-    if not route.keep_label_grads:
+    if not route.keep_label_grads and not route.telemetry:
         route.record(touched.any(0), None)
         return scatter(grad * shares.sum(1, keepdim=True))
     per_label = torch.stack([scatter(grad * shares[:, label, None]) for label in range(route.num_labels)])
-    route.record(touched, per_label)
+    _record_labels(route, touched, per_label)
     return per_label.sum(0)
+
+
+def _record_labels(route: RoutedParameter, allowed: Tensor, per_label: Tensor) -> None:
+    """Record a backward computed per label: its label gradients if kept, its telemetry if on."""
+    if route.keep_label_grads:
+        route.record(allowed, per_label)
+    else:
+        route.record(allowed.any(0), None)
+    if route.telemetry:
+        route.record_grad_norms(per_label)
 
 
 # ------------------------------------------------------------------------------------------------- the mode

@@ -51,6 +51,7 @@ from lightning_gradroute.targets import (
     raise_route_problems,
     resolve_modules,
     route_table,
+    telemetry_groups,
     unit_indices,
     units_label,
 )
@@ -135,16 +136,7 @@ class RoutedSite:
         key = (size, device)
         matrix = self._group_matrices.get(key)
         if matrix is None:
-            target_units = unit_indices(self.target.units, size, self.unit_groups, self.where)
-            selections: dict[str, list[int]] = {"all": target_units}
-            for route in self.routes:
-                for units, _ in route.unit_weights():
-                    if units is not None:
-                        chosen = set(unit_indices(units, size, self.unit_groups, self.where))
-                        selections[units_label(units)] = sorted(chosen.intersection(target_units))
-            matrix = torch.zeros(size, len(selections))
-            for column, indices in enumerate(selections.values()):
-                matrix[indices, column] = 1.0
+            _, matrix = telemetry_groups(self.target.units, self.routes, size, self.unit_groups, self.where)
             matrix = self._group_matrices[key] = matrix.to(device)
         return matrix
 
@@ -252,7 +244,8 @@ class GradientRouter:
             includes weight 1). Off by default, because such a configuration is usually a mistake that no loss
             curve shows.
         telemetry: measure, in backward, the squared norm of the routed gradient reaching each unit group per
-            label (see :meth:`pop_grad_norms`).
+            label (see :meth:`pop_grad_norms`). Parameter targets then compute their gradient per label and sum
+            it (as with a routed optimizer's ``split_moments``): the same gradient, up to float rounding.
 
     Raises:
         ValueError: empty targets, duplicate label names, a route naming an unknown label or target, two
@@ -381,6 +374,7 @@ class GradientRouter:
             raise ValueError(f"GradientRouter: parameter {twice[0]!r} is matched by two parameter targets")
         for routed in parameters:
             routed.register()
+            routed.telemetry = self.telemetry
         if parameters:
             self._mode = ParameterRoutingMode(parameters, lambda: self._labels)
             for routed in parameters:  # see ParameterRoutingMode.alias: what the owner holds during its forward
@@ -477,18 +471,25 @@ class GradientRouter:
 
     def pop_grad_norms(self) -> dict[tuple[str, str, str], Tensor]:
         """Squared routed-gradient norms since the last call, per ``(target, label, unit group)``, summed over the
-        target's sites; resets them. Needs ``telemetry=True``. Every key is present (zero where no gradient came),
-        so ranks return the same keys; values stay on their device (no sync)."""
+        target's sites (activation targets: the gradient reaching the activation) or parameters (parameter
+        targets: each label's items' share of the parameter's gradient); resets them. Needs ``telemetry=True``.
+        Every key is present (zero where no gradient came), so ranks return the same keys; values stay on their
+        device (no sync)."""
         totals: dict[tuple[str, str, str], Tensor] = {}
-        for site in self.sites:
-            names = site.group_names()
-            grad_sq = site.grad_sq if site.grad_sq is not None else torch.zeros(len(self.label_names), len(names))
+        reported: list[tuple[str, list[str], Tensor | None]] = [
+            (site.target_name, site.group_names(), site.grad_sq) for site in self.sites
+        ]
+        reported += [(routed.target_name, routed.group_names, routed.grad_sq) for routed in self.parameters]
+        for target_name, names, grad_sq in reported:
+            if grad_sq is None:
+                grad_sq = torch.zeros(len(self.label_names), len(names))
             for column, group in enumerate(names):
                 for row, label in enumerate(self.label_names):
-                    key = (site.target_name, label, group)
+                    key = (target_name, label, group)
                     value = grad_sq[row, column]
                     totals[key] = value if key not in totals else totals[key] + value.to(totals[key].device)
-            site.grad_sq = None
+        for item in [*self.sites, *self.parameters]:
+            item.grad_sq = None
         return totals
 
     def config(self) -> dict[str, Any]:

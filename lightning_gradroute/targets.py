@@ -378,6 +378,24 @@ def route_table(
     return RouteTable(weights, list(routes), empty, shadowed, identity)
 
 
+def telemetry_groups(
+    target_units: Units, routes: Sequence[Route], size: int, unit_groups: Mapping[str, Sequence[int]], where: str
+) -> tuple[list[str], Tensor]:
+    """The unit groups gradient telemetry reports for a target: ``"all"`` (the target's units) and every selection
+    a route names (within the target's units), as ``(names, (size, groups) 0/1 float32 membership matrix)``."""
+    target = unit_indices(target_units, size, unit_groups, where)
+    selections: dict[str, list[int]] = {"all": target}
+    for route in routes:
+        for units, _ in route.unit_weights():
+            if units is not None:
+                chosen = set(unit_indices(units, size, unit_groups, where))
+                selections[units_label(units)] = sorted(chosen.intersection(target))
+    matrix = torch.zeros(size, len(selections))
+    for column, indices in enumerate(selections.values()):
+        matrix[indices, column] = 1.0
+    return list(selections), matrix
+
+
 def raise_route_problems(table: RouteTable, where: str, allow_noop: bool, target_units: Units = "all") -> None:
     """Raise for the first route entry of ``table`` that routes nothing (see :class:`RouteTable`)."""
     for route, empty, shadowed, identity in zip(table.routes, table.empty, table.shadowed, table.identity):

@@ -1,25 +1,30 @@
 """The callback's own checks in a real Trainer: label names against the mixin, coverage after the first routed
-batch (deferred past a skipped step), and per-label gradient telemetry through the logger."""
+batch (deferred past a skipped step), and per-label gradient telemetry through the logger (activation and
+parameter targets)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import MixinTokenModel, RoutedDataModule, TinyClassifier, example_data, token_data, trainer_kwargs
 from torch import Tensor, nn
 
-from lightning_gradroute import GradientRoutingCallback, Route, Target
+from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
 
 LABELS = [0, 1, 1, 0, 1, 0, 0, 1]
 
 
-def fit(model: pl.LightningModule, routing: GradientRoutingCallback, tmp_path: Any, **kw: Any) -> pl.Trainer:
+def fit(
+    model: pl.LightningModule, routing: GradientRoutingCallback, tmp_path: Any, data: Any = None, **kw: Any
+) -> pl.Trainer:
     trainer = pl.Trainer(callbacks=[routing], **trainer_kwargs(tmp_path, **kw))
-    trainer.fit(model, RoutedDataModule(example_data(8, LABELS), batch_size=4))
+    trainer.fit(model, RoutedDataModule(example_data(8, LABELS) if data is None else data, batch_size=4))
     return trainer
 
 
@@ -92,3 +97,28 @@ def test_grad_norms_are_logged_per_label_and_unit_group(tmp_path: Any) -> None:
             expected = grad[rows][:, cols].norm()
             torch.testing.assert_close(logged[f"gradroute/grad_norm/code/{label}/{units}"], expected)
     assert logged["gradroute/grad_norm/code/forget/0:8"] == 0 < logged["gradroute/grad_norm/code/forget/8:12"]
+
+
+def test_grad_norms_of_parameter_targets_are_logged_too(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    reference = copy.deepcopy(model)
+    routing = GradientRoutingCallback(
+        targets={"code": ParameterTarget("encoder.weight", dim=0)},
+        routes=[Route("forget", "code", {"0:8": 0.0})],
+        log_grad_norms=True,
+    )
+    data = example_data(8, LABELS)
+    logged = fit(model, routing, tmp_path, data, max_steps=1).callback_metrics
+    batch = next(iter(RoutedDataModule(data, batch_size=4).train_dataloader()))
+    forget = batch["route_labels"].bool()
+    for label, rows in (("retain", ~forget), ("forget", forget)):  # each label's items alone, before routing
+        reference.zero_grad()
+        (F.cross_entropy(reference(batch["x"][rows]), batch["y"][rows], reduction="sum") / len(forget)).backward()
+        grad = reference.encoder.weight.grad.clone()
+        if label == "forget":
+            grad[:8] = 0  # the route: forget items may not change rows 0:8
+        for units, cols in (("all", slice(None)), ("0:8", slice(0, 8))):
+            expected = grad[cols].norm()
+            torch.testing.assert_close(logged[f"gradroute/grad_norm/code/{label}/{units}"], expected)
+    assert logged["gradroute/grad_norm/code/forget/0:8"] == 0 < logged["gradroute/grad_norm/code/retain/0:8"]

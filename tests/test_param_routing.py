@@ -327,3 +327,43 @@ def test_routing_stops_outside_route_and_after_detach() -> None:
     model(ids).sum().backward()
     assert torch.count_nonzero(model.layer.weight.grad) > 0
     assert not torch._C._is_torch_function_mode_enabled()
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_parameter_telemetry_is_each_labels_gradient_norm_per_unit_group(soft: bool) -> None:
+    torch.manual_seed(11)
+    model = TokenNet(vocab=5, d_in=4, hidden=6, d_out=3, conv1d=False).double()
+    ids, y = torch.randint(0, 5, (3, 4)), torch.randn(3, 4, 3, dtype=torch.float64)
+    labels = torch.rand(3, 4, dtype=torch.float64) if soft else torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 1]])
+    targets = {"up": ParameterTarget("layer.weight", dim=0), "rows": ParameterTarget("embed.weight", dim=0)}
+    routes = [Route("forget", "up", {"0:2": 0.0, "4:": 0.5}), Route("retain", "up", {"2:": 0.0}),
+              Route("forget", "rows", {"3": 0.0})]  # fmt: skip
+    up_table = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0.5, 0.5]], dtype=torch.float64)
+    rows_table = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 1]], dtype=torch.float64)
+    router = GradientRouter(targets, routes, ["retain", "forget"], telemetry=True)
+
+    reference = copy.deepcopy(model)
+    member = membership(labels, 2, (3, 4))
+    per_label = []
+    for label in range(2):
+        reference.zero_grad()
+        (token_losses(reference, ids, y) * member[..., label]).sum().backward()
+        per_label.append({"up": reference.layer.weight.grad * up_table[label][:, None],
+                          "rows": reference.embed.weight.grad * rows_table[label][:, None]})  # fmt: skip
+    with router.attached(model):
+        with router.route(labels):
+            token_losses(model, ids, y).sum().backward()
+        norms = router.pop_grad_norms()
+        assert all(v == 0 for v in router.pop_grad_norms().values())  # popped: reset
+    for name, got in (("up", model.layer.weight.grad), ("rows", model.embed.weight.grad)):  # the same gradient
+        torch.testing.assert_close(got, per_label[0][name] + per_label[1][name], rtol=1e-10, atol=1e-12)
+    groups = {"up": {"all": slice(None), "0:2": slice(0, 2), "4:": slice(4, None), "2:": slice(2, None)},
+              "rows": {"all": slice(None), "3": slice(3, 4)}}  # fmt: skip
+    assert set(norms) == {(t, label, g) for t in groups for label in ("retain", "forget") for g in groups[t]}
+    for target, by_group in groups.items():
+        for label_index, label in enumerate(("retain", "forget")):
+            for group, units in by_group.items():
+                expected = per_label[label_index][target][units].pow(2).sum().float()
+                torch.testing.assert_close(norms[(target, label, group)], expected, rtol=1e-5, atol=1e-12)
+    assert norms[("up", "forget", "0:2")] == 0 and norms[("up", "retain", "2:")] == 0  # blocked: no leakage
+    assert norms[("up", "forget", "4:")] > 0
