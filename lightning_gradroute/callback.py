@@ -113,8 +113,10 @@ class GradientRoutingCallback(Callback):
             selection a route names), over all ranks' items and divided by the world size as DDP averages, so it
             equals one process on the global batch. A forget label's norm into ``"original"`` units shows leakage
             directly. For a parameter target it is the norm of each label's items' share of the parameter's
-            gradient per unit group (computed per label: the summed gradient may differ in float rounding).
-            Costs one small all-reduce per step under DDP.
+            gradient per unit group (computed per label: the summed gradient may differ in float rounding);
+            under DDP the ranks' shares land in the same entries, so there the logged value is the root sum of
+            the ranks' squared norms over the world size: zero exactly where one process gives zero, but not
+            one process's value otherwise. Costs one small all-reduce per step under DDP.
 
     Raises:
         ValueError: in the constructor for malformed targets, routes, labels or expansions and route sets that
