@@ -1,14 +1,18 @@
-"""Run one ``gradroute fit`` for a benchmark script: a subprocess with its command and output in a log file."""
+"""Run one ``gradroute fit`` for a benchmark script (a subprocess with its command and output in a log file), and
+the pieces every sweep's report shares: mean and std over seeds, the markdown header, the saved figure."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +71,34 @@ def fit_cached(configs: Sequence[Path], run_dir: Path, seed: int, extra: Sequenc
 def fit_seconds(run_dir: Path) -> dict[str, float]:
     """``{"wall": ..., "cpu": ...}`` of a run trained by :func:`fit_cached`."""
     return json.loads((run_dir / "seconds.json").read_text())
+
+
+def run_recipe(configs: list[Path], run_dir: Path, arguments: list[str]) -> dict[str, Any]:
+    """Run (or reuse) ``gradroute fit --config <configs...> <arguments>`` in ``run_dir`` (no logger) and return its
+    results.json; the command and its output go to ``run_dir/log.txt``."""
+    results = run_dir / "results.json"
+    if not results.exists():
+        cli_args = [arg for config in configs for arg in ("--config", str(config))]
+        cli_args += [*arguments, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false"]
+        print(f"{run_dir.name}: {fit_logged(cli_args, run_dir):6.1f} s", flush=True)
+    return json.loads(results.read_text())
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    """(mean, sample std; 0 for one value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def report_header(title: str, command: str, scale: str) -> list[str]:
+    """The first lines of a sweep's markdown report: title, the command that produced it, the scale."""
+    return [f"# {title}", "", f"Command: `{command}`", "", f"Scale: {scale}", ""]
+
+
+def save_figure(fig: Any, title: str, path: Path) -> None:
+    """Give a matplotlib figure its (wrapped, small) title, save it to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(textwrap.fill(title, 220), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

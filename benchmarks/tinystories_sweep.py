@@ -26,11 +26,10 @@ import os
 import re
 import statistics
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
-from recipe_run import fit_logged
+from recipe_run import report_header, run_recipe, save_figure, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("era", "data_filtering", "token_filtering", "rmu", "demix", "base")
@@ -51,17 +50,6 @@ METRICS = (
 )
 
 
-def run_recipe(configs: list[Path], run_dir: Path, arguments: list[str]) -> dict[str, Any]:
-    """Run (or reuse) ``gradroute fit --config <configs...> <arguments>`` in ``run_dir`` (no logger) and return its
-    results.json; the command and its output go to ``run_dir/log.txt``."""
-    results = run_dir / "results.json"
-    if not results.exists():
-        cli_args = [arg for config in configs for arg in ("--config", str(config))]
-        cli_args += [*arguments, f"--trainer.default_root_dir={run_dir}", "--trainer.logger=false"]
-        print(f"{run_dir.name}: {fit_logged(cli_args, run_dir):6.1f} s", flush=True)
-    return json.loads(results.read_text())
-
-
 def run_one(
     method: str, oversight: float, seed: int, runs_dir: Path, extra: list[str], recipes: Path
 ) -> dict[str, Any]:
@@ -72,10 +60,6 @@ def run_one(
         f"--data.init_args.oversight={oversight}",
     ]
     return run_recipe([recipes / f"{method}.yaml"], runs_dir / f"{method}_p{oversight:g}_s{seed}", arguments + extra)
-
-
-def summarise(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def collect(runs: dict[tuple[str, float], dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -93,11 +77,6 @@ def collect(runs: dict[tuple[str, float], dict[int, dict[str, Any]]]) -> list[di
         row["evaluation_seconds"] = statistics.fmean(r["evaluation_seconds"] for r in by_seed.values())
         rows.append(row)
     return rows
-
-
-def report_header(title: str, command: str, scale: str) -> list[str]:
-    """The first lines of a sweep's markdown report: title, the command that produced it, the scale."""
-    return [f"# {title}", "", f"Command: `{command}`", "", f"Scale: {scale}", ""]
 
 
 def table(rows: list[dict[str, Any]], scale: str, command: str) -> str:
@@ -185,10 +164,7 @@ def plot(rows: list[dict[str, Any]], path: Path, scale: str) -> None:
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(f"TinyStories unlearning vs oversight — {scale}", 200), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"TinyStories unlearning vs oversight — {scale}", path)
 
 
 def main(argv: list[str] | None = None) -> None:

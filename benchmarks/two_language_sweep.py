@@ -24,11 +24,10 @@ import json
 import os
 import statistics
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
-from tinystories_sweep import report_header, run_recipe, summarise
+from recipe_run import report_header, run_recipe, save_figure, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -157,10 +156,7 @@ def plot(rows: list[dict[str, Any]], path: Path, scale: str) -> None:
         ax.set_xlabel("label recall (fraction of Russian stories labelled)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(textwrap.fill(f"Two-language unlearning vs label recall — {scale}", 220), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, f"Two-language unlearning vs label recall — {scale}", path)
 
 
 def main(argv: list[str] | None = None) -> None:
