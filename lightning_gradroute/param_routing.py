@@ -66,7 +66,7 @@ class RoutedParameter:
 
     def __init__(
         self, label_names: Sequence[str], target_name: str, target: ParameterTarget, name: str, param: nn.Parameter,
-        weights: Tensor, groups: tuple[list[str], Tensor],
+        weights: Tensor, groups: tuple[list[str], Tensor] | None = None,
     ) -> None:  # fmt: skip
         self.num_labels = len(label_names)
         self.target_name = target_name
@@ -80,7 +80,9 @@ class RoutedParameter:
         self.keep_label_grads = False
         #: set by a router with telemetry: backward then records :attr:`grad_sq`
         self.telemetry = False
-        self.group_names, self._group_matrix = groups[0], groups[1].to(param.device)
+        # The unit groups telemetry reports (:func:`~lightning_gradroute.targets.telemetry_groups`); default "all".
+        names, matrix = groups if groups is not None else (["all"], torch.ones(weights.shape[1], 1))
+        self.group_names, self._group_matrix = names, matrix.to(param.device)
         self.grad_sq: Tensor | None = None  # (labels, unit groups) squared gradient norms
         self._allowed: Tensor | None = None
         self._label_grads: Tensor | None = None

@@ -46,6 +46,7 @@ __all__ = [
     "resolve_modules",
     "resolve_parameters",
     "route_table",
+    "telemetry_groups",
     "unit_indices",
     "units_label",
 ]
