@@ -9,7 +9,10 @@ data has ``x`` ``(B, FEATURES)`` and labels ``(B,)``; per-token data has ``x`` t
 from __future__ import annotations
 
 import copy
+import re
+import shlex
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,7 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_gradroute import GradientRoutingMixin
+from lightning_gradroute import GradientRoutingCallback, GradientRoutingMixin
 
 FEATURES = 8
 HIDDEN = 16
@@ -296,3 +299,40 @@ def fresh_copy(model: nn.Module) -> nn.Module:
     """A deep copy taken before ``fit`` (so it carries no routing hooks)."""
     assert hook_count(model) == 0, "copy the model before the routing callback registers hooks"
     return copy.deepcopy(model)
+
+
+# ------------------------------------------------------------------------------- DDP and recipe helpers
+class SaveRankState(Callback):
+    """Each rank writes its parameters and its routing callback's label counts to ``<dir>/rank<r>.pt``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        routing_callback = next(c for c in trainer.callbacks if isinstance(c, GradientRoutingCallback))
+        state = {
+            "params": {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()},
+            "label_totals": routing_callback.label_totals,
+        }
+        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+def rank_states(directory: Path) -> list[dict[str, Any]]:
+    return [torch.load(directory / f"rank{r}.pt") for r in range(2)]
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def recipe_cli_args(path: Path) -> list[str]:
+    """The CLI arguments a recipe's smoke test runs with: its ``# base:`` recipes' first, then the recipe, then
+    its ``# smoke-args:``."""
+    header = path.read_text()
+    args: list[str] = []
+    for base in re.findall(r"^# base: (\S+)", header, flags=re.M):
+        base_path = (path.parent / base) if (path.parent / base).exists() else RECIPES / base
+        args += recipe_cli_args(base_path)
+    args += ["--config", str(path)]
+    for line in re.findall(r"^# smoke-args: (.+)$", header, flags=re.M):
+        args += shlex.split(line)
+    return args

@@ -8,13 +8,11 @@ Rank-divergent autograd graphs would hang DDP rather than fail, hence the timeou
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import DDP, MixinTokenModel, RoutedDataModule, token_columns, trainer_kwargs
-from lightning.pytorch.callbacks import Callback
+from helpers import DDP, MixinTokenModel, RoutedDataModule, SaveRankState, rank_states, token_columns, trainer_kwargs
 
 from lightning_gradroute import GradientRoutingCallback, Route, Target
 
@@ -25,25 +23,6 @@ def routing() -> GradientRoutingCallback:
         routes=[Route(label="forget", target="code", weights={"0:8": 0.0, "8:12": -0.75})],
         log_grad_norms=True,
     )
-
-
-class SaveRankState(Callback):
-    """Each rank writes its parameters and its routing callback's label counts to ``<dir>/rank<r>.pt``."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        routing_callback = next(c for c in trainer.callbacks if isinstance(c, GradientRoutingCallback))
-        state = {
-            "params": {n: p.detach().cpu().clone() for n, p in pl_module.named_parameters()},
-            "label_totals": routing_callback.label_totals,
-        }
-        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
-
-
-def rank_states(directory: Path) -> list[dict[str, Any]]:
-    return [torch.load(directory / f"rank{r}.pt") for r in range(2)]
 
 
 @pytest.mark.timeout(120)

@@ -11,10 +11,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import trainer_kwargs
+from helpers import SaveRankState, rank_states, trainer_kwargs
 from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_callback_ddp import SaveRankState, rank_states
 from torch import Tensor
 
 from lightning_gradroute import GradientRouter, GradientRoutingCallback

@@ -8,29 +8,15 @@ a shell command line: quote values with spaces).
 
 from __future__ import annotations
 
-import re
-import shlex
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import RECIPES, recipe_cli_args
 
 from lightning_gradroute.cli import GradrouteCLI
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_YAMLS = sorted(RECIPES.rglob("*.yaml"))
-
-
-def cli_args(path: Path) -> list[str]:
-    header = path.read_text()
-    args: list[str] = []
-    for base in re.findall(r"^# base: (\S+)", header, flags=re.M):
-        base_path = (path.parent / base) if (path.parent / base).exists() else RECIPES / base
-        args += cli_args(base_path)
-    args += ["--config", str(path)]
-    for line in re.findall(r"^# smoke-args: (.+)$", header, flags=re.M):
-        args += shlex.split(line)
-    return args
 
 
 def test_there_are_recipes() -> None:
@@ -50,6 +36,6 @@ def test_recipe_parses_and_runs_fast_dev_run(path: Path, tmp_path: Path, monkeyp
         f"--trainer.default_root_dir={tmp_path}",
     ]
     # Parse first (catches YAML/type errors with jsonargparse's message), then run one train and val batch.
-    cli = GradrouteCLI(args=[*cli_args(path), *smoke], run=False)
+    cli = GradrouteCLI(args=[*recipe_cli_args(path), *smoke], run=False)
     assert cli.trainer.fast_dev_run
-    GradrouteCLI(args=["fit", *cli_args(path), *smoke])
+    GradrouteCLI(args=["fit", *recipe_cli_args(path), *smoke])

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import RECIPES, recipe_cli_args
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from test_recipes import RECIPES, cli_args
 
 from lightning_gradroute.cli import GradrouteCLI
 
@@ -49,7 +49,7 @@ def test_paper_recipes_build_a_slurm_trainer_over_every_task(
     assert pairs["--trainer.accelerator"] == "gpu"
     pairs["--trainer.accelerator"] = "cpu"  # no GPU here; everything else as on the cluster
     flags = [f"{flag}={value}" for flag, value in pairs.items()]
-    cli = GradrouteCLI(args=[*cli_args(recipe), *flags, f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = GradrouteCLI(args=[*recipe_cli_args(recipe), *flags, f"--trainer.default_root_dir={tmp_path}"], run=False)
     environment = cli.trainer.strategy.cluster_environment
     assert isinstance(environment, SLURMEnvironment)
     assert (cli.trainer.world_size, cli.trainer.num_nodes, cli.trainer.global_rank) == (8, 2, 5)
