@@ -232,6 +232,19 @@ def test_retain_mask_hides_the_units_from_retain_tokens_in_training_steps_only(d
         RetainMask([Target("model.transformer.h.*.mlp.act")])
 
 
+def test_retain_mask_raises_after_the_first_batch_for_a_site_the_step_never_reached(dm: TwoLanguageDataModule) -> None:
+    lm = TinyStoriesLM(**TINY_MODEL)
+    batch = next(iter(dm.train_dataloader()))
+    mask = retain_mask()
+    mask.on_fit_start(None, lm)  # type: ignore[arg-type]
+    mask.on_train_batch_start(None, lm, batch, 0)  # type: ignore[arg-type]
+    lm.train()
+    lm.model.transformer.h[0](lm.model.transformer.wte(batch["input_ids"][:, :-1]))  # block 1 is never called
+    with pytest.raises(ValueError, match=r"RetainMask at 'model.transformer.h.1.mlp.act' \(output\): the training "
+                                         "step never reached this site"):
+        mask.on_train_batch_end(None, lm, None, batch, 0)  # type: ignore[arg-type]
+
+
 def test_steps_to_recover_on_a_tiny_model(dm: TwoLanguageDataModule, tmp_path: Path) -> None:
     """The attack on an (essentially) untrained tiny model, two learning rates: steps to recover is the first
     evaluated step at which the better rate's seed-averaged forget loss reaches the target, None beyond reach."""

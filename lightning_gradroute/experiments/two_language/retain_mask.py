@@ -10,7 +10,8 @@ forget data only), the rest of the network adapts to them, and ablating them cos
 ``label`` (``retain``), during training steps only; validation, the evaluation and anything after ``fit`` run
 unmasked. Units are those of :class:`~lightning_gradroute.Target` (slices, lists, or ``"expanded"`` /
 ``"original"`` of an ERA expansion). Put it after the ``GradientRoutingCallback`` (whose expansion it may name);
-its hooks are added at ``on_fit_start`` and removed at ``on_train_end``.
+its hooks are added at ``on_fit_start`` and removed at ``on_train_end``. After the first training batch it checks
+that every matched site was masked (a site the step never reaches would mask nothing, silently).
 
 Example (SGTM: MLP neurons 192: and attention dims 48: belong to forget data)::
 
@@ -48,7 +49,7 @@ class RetainMask(Callback):
     Raises:
         ValueError: in the constructor for no targets, ``units="all"`` or a structured-value target; at
             ``on_fit_start`` for a pattern matching no module; at the first training step for units the site does
-            not have and for labels that are not integers of a fitting shape.
+            not have, for labels that are not integers of a fitting shape, and for a site the step never reached.
     """
 
     def __init__(self, targets: Sequence[Target], label: int = 0, label_key: str = "route_labels") -> None:
@@ -63,6 +64,8 @@ class RetainMask(Callback):
         self.label, self.label_key = label, label_key
         self._labels: Tensor | None = None
         self._handles: list[RemovableHandle] = []
+        self._masked: dict[str, int] = {}  # per hooked site: forwards masked in training steps
+        self._checked = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -71,6 +74,7 @@ class RetainMask(Callback):
             for name, module in resolve_modules(pl_module, target, "RetainMask"):
                 groups = record.unit_groups.get((name, target.site)) if record is not None else None
                 where = f"RetainMask at {name!r} ({target.site})"
+                self._masked[where] = 0
                 if target.site == "output":
                     hook = self._output_hook(target, groups, where)
                     self._handles.append(module.register_forward_hook(hook))
@@ -83,6 +87,7 @@ class RetainMask(Callback):
         labels = self._labels
         if labels is None or not torch.is_grad_enabled():
             return None
+        self._masked[where] += 1
         units = torch.tensor(unit_indices(target.units, x.shape[-1], groups, where), device=x.device)
         if labels.is_floating_point() or tuple(labels.shape) != tuple(x.shape[: labels.dim()]):
             raise ValueError(
@@ -117,6 +122,11 @@ class RetainMask(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._labels = None
+        if not self._checked:
+            missed = [where for where, count in self._masked.items() if count == 0]
+            if missed:
+                raise ValueError(f"{missed[0]}: the training step never reached this site, so it masks nothing")
+            self._checked = True
 
     def _remove(self) -> None:
         for handle in self._handles:
