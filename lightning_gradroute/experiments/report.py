@@ -9,6 +9,7 @@ figures and ``results.json`` into the run's log dir and logs the numbers and fig
 
 from __future__ import annotations
 
+import abc
 import itertools
 import json
 import math
@@ -78,7 +79,7 @@ def write_report(
     return files
 
 
-class TestSetReport(Callback):
+class TestSetReport(Callback, abc.ABC):
     """Base of the certificate reports: evaluate the trained model on the test set in eval mode, on rank 0.
 
     It runs in ``on_train_end``, while the model is still on its accelerator and the loggers are open, writes
@@ -111,8 +112,8 @@ class TestSetReport(Callback):
         finally:
             pl_module.train(was_training)
 
+    @abc.abstractmethod
     def evaluate(
         self, trainer: pl.Trainer, model: pl.LightningModule, batches: list[dict[str, Tensor]], out_dir: Path
     ) -> dict[str, Any]:
         """Evaluate ``model`` (in eval mode) on ``batches``, write into ``out_dir``, return the results."""
-        raise NotImplementedError

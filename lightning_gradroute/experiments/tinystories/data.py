@@ -32,6 +32,7 @@ Validation batches carry the ground truth (``route_labels`` = 1 for forget stori
 
 from __future__ import annotations
 
+import abc
 import gzip
 import itertools
 import random
@@ -183,7 +184,7 @@ class _Stories(torch.utils.data.Dataset):
         return {"ids": self.ids[i], "forget": self.forget[i], "labelled": self.labelled[i]}
 
 
-class StoryBatches:
+class StoryBatches(abc.ABC):
     """Batching shared by the text data modules: a mixin for a ``LightningDataModule`` that has set, in ``setup``,
     ``tokenizer`` (with ``<|endoftext|>``), ``splits`` (:class:`StorySplits`) and ``route_labels(batch)``, and has
     ``hparams.batch_size`` and ``hparams.num_workers``.
@@ -197,9 +198,9 @@ class StoryBatches:
     splits: StorySplits | None
     hparams: Any
 
+    @abc.abstractmethod
     def route_labels(self, batch: dict[str, Tensor]) -> Tensor:
         """The routing labels of a training batch."""
-        raise NotImplementedError
 
     @property
     def vocab_size(self) -> int:
