@@ -66,6 +66,7 @@ class RetainMask(Callback):
         self._handles: list[RemovableHandle] = []
         self._masked: dict[str, int] = {}  # per hooked site: forwards masked in training steps
         self._checked = False
+        self._unit_masks: dict[tuple[str, int, torch.dtype, torch.device], Tensor] = {}
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -88,15 +89,24 @@ class RetainMask(Callback):
         if labels is None or not torch.is_grad_enabled():
             return None
         self._masked[where] += 1
-        units = torch.tensor(unit_indices(target.units, x.shape[-1], groups, where), device=x.device)
         if labels.is_floating_point() or tuple(labels.shape) != tuple(x.shape[: labels.dim()]):
             raise ValueError(
                 f"{where}: needs integer labels whose shape leads the site's {tuple(x.shape)}; got "
                 f"{tuple(labels.shape)} {labels.dtype}"
             )
         hidden = (labels == self.label).reshape(*labels.shape, *([1] * (x.dim() - labels.dim())))
-        mask = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device).index_fill_(0, units, 0.0)
-        return x * torch.where(hidden, mask, torch.ones_like(mask))
+        return x * torch.where(hidden, self._unit_mask(x, target, groups, where), 1.0)
+
+    def _unit_mask(self, x: Tensor, target: Target, groups: Any, where: str) -> Tensor:
+        """``(features,)``: 0 on the target's units, 1 elsewhere; built once per site, size, dtype and device."""
+        key = (where, x.shape[-1], x.dtype, x.device)
+        mask = self._unit_masks.get(key)
+        if mask is None:
+            units = torch.tensor(unit_indices(target.units, x.shape[-1], groups, where), device=x.device)
+            mask = self._unit_masks[key] = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device).index_fill_(
+                0, units, 0.0
+            )
+        return mask
 
     def _output_hook(self, target: Target, groups: Any, where: str) -> Any:
         def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
