@@ -25,9 +25,10 @@ from lightning.pytorch.callbacks import Callback
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRouter, GradientRoutingCallback
 from lightning_gradroute.cli import GradrouteCLI
-from lightning_gradroute.experiments.cifar import (
+from gradroute_experiments.cifar import (
     CIFAR10_CLASSES,
     CertificateAccuracyReport,
     CIFARDataModule,
@@ -35,12 +36,12 @@ from lightning_gradroute.experiments.cifar import (
     read_cifar_binary,
     read_jpeg_archive,
 )
-from lightning_gradroute.experiments.cifar import binary as cifar_binary
-from lightning_gradroute.experiments.cifar.data import CIFAR_MEAN, CIFAR_STD, BatchTransform
-from lightning_gradroute.experiments.cifar.jpeg import CIFAR10_JPEG_ARCHIVE, CIFAR10_JPEG_SHA256
+from gradroute_experiments.cifar import binary as cifar_binary
+from gradroute_experiments.cifar.data import CIFAR_MEAN, CIFAR_STD, BatchTransform
+from gradroute_experiments.cifar.jpeg import CIFAR10_JPEG_ARCHIVE, CIFAR10_JPEG_SHA256
 
 ROOT = Path(__file__).resolve().parents[1]
-JPEG_DIR = ROOT / "data" / "cifar10"
+JPEG_DIR = DATA_DIR / "cifar10"
 RECIPES = ROOT / "recipes" / "cifar"
 #: A tiny model whose encoding has the 128 channels of the CPU recipes (so their routes apply unchanged).
 TINY = {"widths": (4, 8, 16, 128), "blocks": (1, 1, 1, 2), "split_at": 4}
@@ -163,7 +164,7 @@ def test_missing_files_offline_fail_with_one_line_naming_them(tmp_path: Path, mo
     assert "\n" not in message
     assert "cifar-100-binary/train.bin, cifar-100-binary/test.bin" in message
     assert str((tmp_path / "nowhere").resolve()) in message and cifar_binary.CIFAR100_URL in message
-    with pytest.raises(FileNotFoundError, match=rf"missing {CIFAR10_JPEG_ARCHIVE} in .*ships it in data/cifar10/$"):
+    with pytest.raises(FileNotFoundError, match=rf"missing {CIFAR10_JPEG_ARCHIVE} in .*carries it in carried:cifar10$"):
         CIFARDataModule("cifar10_jpeg", data_dir=str(tmp_path)).setup("fit")
 
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lightning_gradroute import GradientRouter, GradientRoutingCallback
 from lightning_gradroute.cli import GradrouteCLI
-from lightning_gradroute.experiments.gridworld import (
+from gradroute_experiments.gridworld import (
     GridWorld,
     GridworldEnvironment,
     GridworldPolicyGradient,
@@ -31,7 +31,7 @@ from lightning_gradroute.experiments.gridworld import (
     episode_outcomes,
     rewards,
 )
-from lightning_gradroute.experiments.gridworld.rollout import Rollout
+from gradroute_experiments.gridworld.rollout import Rollout
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "gridworld"
 UP, RIGHT, DOWN, LEFT = range(4)

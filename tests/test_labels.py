@@ -51,8 +51,8 @@ trainer:
         targets: {hidden: {modules: net.0}}
         routes: [{label: forget, target: hidden, weights: {"0:32": 0.0}}]
         label_source: {class_path: lightning_gradroute.labels.BatchKey, init_args: {key: 2}}
-model: {class_path: lightning_gradroute.experiments.toy.TwoTaskRegressor}
-data: {class_path: lightning_gradroute.experiments.toy.TwoTaskData}
+model: {class_path: gradroute_experiments.toy.TwoTaskRegressor}
+data: {class_path: gradroute_experiments.toy.TwoTaskData}
 """
     )
     cli = GradrouteCLI(args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False)

@@ -12,6 +12,7 @@ import torch
 from helpers import GradCapture, RoutedDataModule, TokenModel, fresh_copy, hand_masked_grads, trainer_kwargs
 from tokenizers import Tokenizer
 
+from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRoutingCallback, Route, Target
 from lightning_gradroute.labels import partial_oversight
 from lightning_gradroute.text_labels import (
@@ -23,7 +24,7 @@ from lightning_gradroute.text_labels import (
 )
 
 PAPER_WORDS = ["tree", "trees", "forest", "forests", "woodland", "woodlands"]
-GPT2_TOKENIZER = Path(__file__).resolve().parents[1] / "data" / "gpt2-tokenizer" / "tokenizer.json.gz"
+GPT2_TOKENIZER = DATA_DIR / "gpt2-tokenizer" / "tokenizer.json.gz"
 
 
 def gpt2() -> Tokenizer:

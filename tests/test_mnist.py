@@ -16,9 +16,10 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRouter, GradientRoutingCallback
 from lightning_gradroute.cli import GradrouteCLI
-from lightning_gradroute.experiments.mnist import (
+from gradroute_experiments.mnist import (
     CertificateReport,
     MNISTDataModule,
     MNISTSplitAutoencoder,
@@ -28,10 +29,10 @@ from lightning_gradroute.experiments.mnist import (
     per_digit_errors,
     read_idx,
 )
-from lightning_gradroute.experiments.mnist import data as mnist_data
+from gradroute_experiments.mnist import data as mnist_data
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "data" / "mnist"
+DATA = DATA_DIR / "mnist"
 RECIPES = ROOT / "recipes" / "mnist"
 TINY = ["--model.init_args.hidden_sizes", "[16, 8]"]
 
@@ -100,7 +101,7 @@ def test_missing_files_fail_with_one_line_naming_them(tmp_path: Path) -> None:
     message = str(err.value)
     assert "\n" not in message
     assert all(name in message for name in mnist_data.MNIST_FILES)
-    assert str((tmp_path / "nowhere").resolve()) in message and "data/mnist/" in message
+    assert str((tmp_path / "nowhere").resolve()) in message and "carried:mnist" in message
 
 
 def test_offline_download_falls_back_to_the_missing_files_error(tmp_path: Path, monkeypatch) -> None:

@@ -15,9 +15,9 @@ from helpers import hook_count, trainer_kwargs
 from torch import Tensor, nn
 
 from lightning_gradroute import GradientRouter, GradientRoutingCallback, Route, Target
-from lightning_gradroute.experiments.causal_lm import CausalLM
-from lightning_gradroute.experiments.steering.evaluate import SteeringEvaluation, unembedding_cosines
-from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule
+from gradroute_experiments.causal_lm import CausalLM
+from gradroute_experiments.steering.evaluate import SteeringEvaluation, unembedding_cosines
+from gradroute_experiments.tinystories.data import TinyStoriesDataModule
 from lightning_gradroute.steering import steer
 from lightning_gradroute.text_labels import TokenSetLabels
 

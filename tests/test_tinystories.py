@@ -11,26 +11,27 @@ import pytest
 import torch
 from helpers import trainer_kwargs
 
+from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
 from lightning_gradroute.evaluation import mean_loss, retraining_attack
 from lightning_gradroute.expansion import Expansion
-from lightning_gradroute.experiments.causal_lm import next_token_losses, token_mean_loss, weighted_token_losses
-from lightning_gradroute.experiments.tinystories.data import (
+from gradroute_experiments.causal_lm import next_token_losses, token_mean_loss, weighted_token_losses
+from gradroute_experiments.tinystories.data import (
     EOS_TEXT,
     PAPER_FORGET_WORDS,
     TinyStoriesDataModule,
     load_tokenizer,
     read_stories,
 )
-from lightning_gradroute.experiments.tinystories.demix import DEMixMLP, demix_experts, keep_retain_experts
-from lightning_gradroute.experiments.tinystories.evaluate import METHODS, UnlearningEvaluation
-from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
-from lightning_gradroute.experiments.tinystories.rmu import RMU
+from gradroute_experiments.tinystories.demix import DEMixMLP, demix_experts, keep_retain_experts
+from gradroute_experiments.tinystories.evaluate import METHODS, UnlearningEvaluation
+from gradroute_experiments.tinystories.model import TinyStoriesLM
+from gradroute_experiments.tinystories.rmu import RMU
 from lightning_gradroute.text_labels import keyword_regex
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "tinystories" / "tinystories_valid_sample.txt"
-GPT2 = ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json.gz"
+SAMPLE = DATA_DIR / "tinystories" / "tinystories_valid_sample.txt"
+GPT2 = DATA_DIR / "gpt2-tokenizer" / "tokenizer.json.gz"
 SMALL_DATA = {
     "tokenizer": "bpe",
     "bpe_vocab_size": 1024,

@@ -13,17 +13,18 @@ import torch
 import transformers
 from helpers import trainer_kwargs
 
+from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRoutingCallback, Route, Target
-from lightning_gradroute.experiments.causal_lm import CausalLM, weighted_token_losses
-from lightning_gradroute.experiments.tinystories.data import TinyStoriesDataModule, read_stories
-from lightning_gradroute.experiments.token_unlearning.ablation import ablate_neurons, ablated_weight_norm
-from lightning_gradroute.experiments.token_unlearning.evaluate import RetrainingProtocol, TokenUnlearningEvaluation
-from lightning_gradroute.experiments.web_text import WebTextDataModule, read_documents
+from gradroute_experiments.causal_lm import CausalLM, weighted_token_losses
+from gradroute_experiments.tinystories.data import TinyStoriesDataModule, read_stories
+from gradroute_experiments.token_unlearning.ablation import ablate_neurons, ablated_weight_norm
+from gradroute_experiments.token_unlearning.evaluate import RetrainingProtocol, TokenUnlearningEvaluation
+from gradroute_experiments.web_text import WebTextDataModule, read_documents
 from lightning_gradroute.text_labels import TokenSetLabels, select_concept_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "data" / "tinystories" / "tinystories_valid_sample.txt"
-GPT2 = str(ROOT / "data" / "gpt2-tokenizer" / "tokenizer.json.gz")
+SAMPLE = DATA_DIR / "tinystories" / "tinystories_valid_sample.txt"
+GPT2 = str(DATA_DIR / "gpt2-tokenizer" / "tokenizer.json.gz")
 FOOD = ["food", "eat", "ate", "cake", "cookies", "apple", "hungry", "yummy", "lunch", "dinner"]
 SMALL = {
     "tokenizer": "bpe", "bpe_vocab_size": 512, "truncate_chars": 300, "max_tokens": 48, "batch_size": 8,

@@ -14,22 +14,23 @@ import pytest
 import torch
 from helpers import trainer_kwargs
 
+from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRouter, GradientRoutingCallback, ParameterTarget, Route, Target
-from lightning_gradroute.experiments.tinystories.data import label_noise, read_stories
-from lightning_gradroute.experiments.tinystories.dedicated import dedicated_units, zero_dedicated_units
-from lightning_gradroute.experiments.tinystories.evaluate import UnlearningEvaluation, recovery_steps
-from lightning_gradroute.experiments.tinystories.model import TinyStoriesLM
-from lightning_gradroute.experiments.two_language.data import (
+from gradroute_experiments.tinystories.data import label_noise, read_stories
+from gradroute_experiments.tinystories.dedicated import dedicated_units, zero_dedicated_units
+from gradroute_experiments.tinystories.evaluate import UnlearningEvaluation, recovery_steps
+from gradroute_experiments.tinystories.model import TinyStoriesLM
+from gradroute_experiments.two_language.data import (
     FORGET_FILE,
     TwoLanguageDataModule,
     is_russian,
     pack_stories,
 )
-from lightning_gradroute.experiments.two_language.retain_mask import RetainMask
+from gradroute_experiments.two_language.retain_mask import RetainMask
 
 ROOT = Path(__file__).resolve().parents[1]
-ENGLISH = ROOT / "data" / "tinystories" / "tinystories_valid_sample.txt"
-RUSSIAN = ROOT / "data" / "tinystories_ru" / FORGET_FILE
+ENGLISH = DATA_DIR / "tinystories" / "tinystories_valid_sample.txt"
+RUSSIAN = DATA_DIR / "tinystories_ru" / FORGET_FILE
 SMALL = {"bpe_vocab_size": 512, "max_tokens": 48, "batch_size": 8, "num_val_stories": 8, "num_attack_stories": 8}
 TINY_MODEL = {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "intermediate_size": 64,
               "max_position_embeddings": 48, "window_size": 48, "lr": 3e-3, "warmup_steps": 1}  # fmt: skip
