@@ -7,9 +7,10 @@ README) that produced the committed file ran it, and compare the headline number
 Each check names the committed file and what it re-runs. Sweeps commit means over seeds: a check re-runs every seed
 of the row when that is cheap (``two_language``: three 1-minute runs), otherwise one seed of a two-seed row, which
 must then be one of the two values the committed mean ``m`` and spread give back (``m ± s / sqrt(2)`` from the sample
-std ``s``, ``m ± sem`` from the standard error). A value reproduces when it matches to 1e-6 (absolute) — the runs
-are single-threaded and seeded, so on this machine type they are bit-for-bit repeatable; another CPU or BLAS may
-differ in the last digits, which this tolerance does not absorb on purpose.
+std ``s``, ``m ± sem`` from the standard error). A value reproduces when it is within 1e-4 of the committed one,
+relative: seeded single-threaded runs repeat bit for bit on one machine, but float rounding differs between CPUs
+(and the committed sweeps ran on other machines), which moves a loss in its 6th digit and the lowest loss of a
+retraining attack in its 5th. Differences of a method (seed-to-seed spreads of 0.01-0.1 here) are far larger.
 
 Runs go to ``runs/reproduce_check/`` (a run whose ``results.json`` is there is not trained again).
 """
@@ -34,7 +35,7 @@ import two_language_sweep  # noqa: E402
 from recipe_run import ROOT, run_recipe  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-TOLERANCE = 1e-6
+TOLERANCE = 1e-4  # relative
 
 #: one comparison: (what, committed value or the candidates a single seed may take, re-run value)
 Comparison = tuple[str, list[float], float]
@@ -139,22 +140,24 @@ def main(argv: list[str] | None = None) -> None:
         committed_file, recipe, comparisons = CHECKS[name](args.runs_dir)
         rows = [
             {"value": what, "committed": candidates, "rerun": value,
-             "reproduces": any(abs(value - c) <= TOLERANCE for c in candidates)}
+             "reproduces": any(abs(value - c) <= TOLERANCE * max(1.0, abs(c)) for c in candidates)}
             for what, candidates, value in comparisons
         ]  # fmt: skip
         report[name] = {"committed_file": committed_file, "recipe": recipe, "rows": rows,
                         "reproduces": all(r["reproduces"] for r in rows)}  # fmt: skip
         print(f"{name}: {'reproduces' if report[name]['reproduces'] else 'DIFFERS'}", flush=True)
     lines = ["# Do the committed results reproduce?", "", "Produced by `python benchmarks/reproduce_check.py` "
-             f"(tolerance {TOLERANCE:g} absolute; see the script's docstring for how a single seed is checked "
+             f"(tolerance {TOLERANCE:g} relative; see the script's docstring for how a single seed is checked "
              "against a two-seed mean).", ""]  # fmt: skip
     for name, check in report.items():
         verdict = "**reproduces**" if check["reproduces"] else "**differs**"
         lines += [f"## {name}: {verdict}", "", f"Re-ran `{check['recipe']}` against {check['committed_file']}.", "",
-                  "| value | committed | re-run | reproduces |", "|---|---|---|---|"]  # fmt: skip
+                  "| value | committed | re-run | difference | reproduces |", "|---|---|---|---|---|"]  # fmt: skip
         for r in check["rows"]:
             committed = " or ".join(f"{c:.6f}" for c in r["committed"])
-            lines.append(f"| {r['value']} | {committed} | {r['rerun']:.6f} | {'yes' if r['reproduces'] else 'no'} |")
+            difference = min(abs(r["rerun"] - c) for c in r["committed"])
+            lines.append(f"| {r['value']} | {committed} | {r['rerun']:.6f} | {difference:.1e} | "
+                         f"{'yes' if r['reproduces'] else 'no'} |")
         lines.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2))
