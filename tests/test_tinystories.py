@@ -15,7 +15,7 @@ from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
 from lightning_gradroute.evaluation import mean_loss, retraining_attack
 from lightning_gradroute.expansion import Expansion
-from gradroute_experiments.causal_lm import next_token_losses, token_mean_loss, weighted_token_losses
+from gradroute_experiments.text.causal_lm import next_token_losses, token_mean_loss, weighted_token_losses
 from gradroute_experiments.tinystories.data import (
     EOS_TEXT,
     PAPER_FORGET_WORDS,

@@ -55,7 +55,7 @@ from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.evaluation import mean_loss, retraining_attack, steps_to_recover
-from gradroute_experiments.causal_lm import (
+from gradroute_experiments.text.causal_lm import (
     coherence_finetune_on_stories,
     token_mean_loss,
     weighted_token_losses,
