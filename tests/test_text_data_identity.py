@@ -73,7 +73,8 @@ def data_digest(dm: Any) -> str:
         "tokenizer": json.loads(dm.tokenizer.to_str()),
         "splits": dataclasses.asdict(dm.splits),
         "token_weights": dm.token_weights,
-        "route_token_ids": getattr(dm, "route_token_ids", None),
+        # A data module without a routed token set (two languages) routes none: [] and None, as TinyStories' defaults.
+        "route_token_ids": getattr(dm, "route_token_ids", []),
         "route_token_ratios": getattr(dm, "route_token_ratios", None),
         "windows": getattr(dm, "windows", None),
         "window_flags": getattr(dm, "window_flags", None),

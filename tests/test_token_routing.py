@@ -16,7 +16,8 @@ from helpers import trainer_kwargs
 from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRoutingCallback, Route, Target
 from gradroute_experiments.text.causal_lm import CausalLM, weighted_token_losses
-from gradroute_experiments.tinystories.data import TinyStoriesDataModule, read_stories
+from gradroute_experiments.text.stories import read_stories
+from gradroute_experiments.tinystories.data import TinyStoriesDataModule
 from gradroute_experiments.token_unlearning.ablation import ablate_neurons, ablated_weight_norm
 from gradroute_experiments.token_unlearning.evaluate import RetrainingProtocol, TokenUnlearningEvaluation
 from gradroute_experiments.text.web_text import WebTextDataModule, read_documents
