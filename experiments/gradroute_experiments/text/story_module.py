@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import abc
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
