@@ -58,7 +58,7 @@ CORE, LAYERS = "The core never imports the experiments", "Experiments stand on t
     [
         (CORE, {"lightning_gradroute/router.py": "import gradroute_experiments.mnist\n"}),
         (LAYERS, {"gradroute_experiments/two_language/data.py": "from gradroute_experiments.tinystories import x\n"}),
-        (LAYERS, {"gradroute_experiments/web_text.py": "import gradroute_experiments.tinystories\n"}),
+        (LAYERS, {"gradroute_experiments/text/web_text.py": "import gradroute_experiments.tinystories\n"}),
         (None, {"gradroute_experiments/tinystories/data.py": "import gradroute_experiments.datafiles\n"}),
     ],
     ids=["core imports an experiment", "experiment imports an experiment", "shared imports an experiment", "allowed"],

@@ -15,7 +15,7 @@ from helpers import hook_count, trainer_kwargs
 from torch import Tensor, nn
 
 from lightning_gradroute import GradientRouter, GradientRoutingCallback, Route, Target
-from gradroute_experiments.causal_lm import CausalLM
+from gradroute_experiments.text.causal_lm import CausalLM
 from gradroute_experiments.steering.evaluate import SteeringEvaluation, unembedding_cosines
 from gradroute_experiments.tinystories.data import TinyStoriesDataModule
 from lightning_gradroute.steering import steer

@@ -15,14 +15,10 @@ from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
 from lightning_gradroute.evaluation import mean_loss, retraining_attack
 from lightning_gradroute.expansion import Expansion
-from gradroute_experiments.causal_lm import next_token_losses, token_mean_loss, weighted_token_losses
-from gradroute_experiments.tinystories.data import (
-    EOS_TEXT,
-    PAPER_FORGET_WORDS,
-    TinyStoriesDataModule,
-    load_tokenizer,
-    read_stories,
-)
+from gradroute_experiments.text.causal_lm import next_token_losses, token_mean_loss, weighted_token_losses
+from gradroute_experiments.text.stories import read_stories
+from gradroute_experiments.text.tokenizer import EOS_TEXT, load_tokenizer
+from gradroute_experiments.tinystories.data import PAPER_FORGET_WORDS, TinyStoriesDataModule
 from gradroute_experiments.tinystories.demix import DEMixMLP, demix_experts, keep_retain_experts
 from gradroute_experiments.tinystories.evaluate import METHODS, UnlearningEvaluation
 from gradroute_experiments.tinystories.model import TinyStoriesLM

@@ -15,11 +15,12 @@ from helpers import trainer_kwargs
 
 from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRoutingCallback, Route, Target
-from gradroute_experiments.causal_lm import CausalLM, weighted_token_losses
-from gradroute_experiments.tinystories.data import TinyStoriesDataModule, read_stories
+from gradroute_experiments.text.causal_lm import CausalLM, weighted_token_losses
+from gradroute_experiments.text.stories import read_stories
+from gradroute_experiments.tinystories.data import TinyStoriesDataModule
 from gradroute_experiments.token_unlearning.ablation import ablate_neurons, ablated_weight_norm
 from gradroute_experiments.token_unlearning.evaluate import RetrainingProtocol, TokenUnlearningEvaluation
-from gradroute_experiments.web_text import WebTextDataModule, read_documents
+from gradroute_experiments.text.web_text import WebTextDataModule, read_documents
 from lightning_gradroute.text_labels import TokenSetLabels, select_concept_tokens
 
 ROOT = Path(__file__).resolve().parents[1]

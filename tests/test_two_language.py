@@ -16,16 +16,11 @@ from helpers import trainer_kwargs
 
 from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRouter, GradientRoutingCallback, ParameterTarget, Route, Target
-from gradroute_experiments.tinystories.data import label_noise, read_stories
+from gradroute_experiments.text.stories import label_noise, pack_stories, read_stories
 from gradroute_experiments.tinystories.dedicated import dedicated_units, zero_dedicated_units
 from gradroute_experiments.tinystories.evaluate import UnlearningEvaluation, recovery_steps
 from gradroute_experiments.tinystories.model import TinyStoriesLM
-from gradroute_experiments.two_language.data import (
-    FORGET_FILE,
-    TwoLanguageDataModule,
-    is_russian,
-    pack_stories,
-)
+from gradroute_experiments.two_language.data import FORGET_FILE, TwoLanguageDataModule, is_russian
 from gradroute_experiments.two_language.retain_mask import RetainMask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +112,8 @@ def test_label_recall_and_precision_are_seeded_counted_and_nested(dm: TwoLanguag
     assert summary["train_labelled_forget_stories"] == summary["train_forget_stories"] // 2
     assert summary["train_labelled_retain_stories"] == round(summary["train_labelled_forget_stories"] * 0.2 / 0.8)
     assert 0 < summary["labelled_token_fraction"] < summary["forget_token_fraction"] + 0.2
+    # Its hyperparameters (what LightningCLI and checkpoints record) are its own arguments, not TinyStories' ones.
+    assert dm.hparams.recall == 0.5 and "oversight" not in dm.hparams and "labels" not in dm.hparams
     with pytest.raises(ValueError, match="recall"):
         TwoLanguageDataModule(recall=1.5)
     with pytest.raises(FileNotFoundError, match="tinystories_ru_sample.txt"):

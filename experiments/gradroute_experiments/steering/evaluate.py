@@ -2,7 +2,7 @@
 
 The paper (§4 of its reference implementation) routes the loss on one target token (``" California"``) through
 residual dimension 0 only, then reads the result two ways; :class:`SteeringEvaluation` does both when ``fit``
-ends, for a :class:`~gradroute_experiments.causal_lm.CausalLM`:
+ends, for a :class:`~gradroute_experiments.text.causal_lm.CausalLM`:
 
 1. **Nearest unembeddings.** The cosine of every token's unembedding with ``e_dim`` (component ``dim`` of the
    L2-normalised row): the ``num_neighbours`` tokens most aligned with ``+e_dim`` and with ``-e_dim``, as a table
@@ -43,7 +43,7 @@ from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.evaluation.losses import evaluation_mode
-from gradroute_experiments.causal_lm import CausalLM, CausalLMEvaluation, weighted_token_losses
+from gradroute_experiments.text.causal_lm import CausalLM, CausalLMEvaluation, weighted_token_losses
 from lightning_gradroute.steering import steer
 
 __all__ = ["SteeringEvaluation", "plot_neighbours", "unembedding_cosines"]
@@ -78,7 +78,7 @@ def plot_neighbours(
 class SteeringEvaluation(CausalLMEvaluation):
     """Nearest unembeddings of ``±e_dim`` and a steering measurement, when ``fit`` ends (see the module docstring).
 
-    Needs a :class:`~gradroute_experiments.causal_lm.CausalLM` and a data module with ``tokenizer``,
+    Needs a :class:`~gradroute_experiments.text.causal_lm.CausalLM` and a data module with ``tokenizer``,
     ``eos_id``, ``splits`` (held-out ``retain_val`` / ``forget_val`` stories) and ``batches``, such as
     :class:`~gradroute_experiments.tinystories.data.TinyStoriesDataModule`.
 

@@ -55,12 +55,12 @@ from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.evaluation import mean_loss, retraining_attack, steps_to_recover
-from gradroute_experiments.causal_lm import (
+from gradroute_experiments.text.causal_lm import (
     coherence_finetune_on_stories,
     token_mean_loss,
     weighted_token_losses,
 )
-from gradroute_experiments.tinystories.data import TinyStoriesDataModule
+from gradroute_experiments.text.story_module import StoryDataModule
 from gradroute_experiments.tinystories.dedicated import zero_dedicated_units
 from gradroute_experiments.tinystories.demix import keep_retain_experts
 from gradroute_experiments.tinystories.model import TinyStoriesLM
@@ -180,8 +180,11 @@ class UnlearningEvaluation(pl.Callback):
             return
         if not isinstance(pl_module, TinyStoriesLM):
             raise ValueError(f"UnlearningEvaluation: the model must be a TinyStoriesLM, got {type(pl_module).__name__}")
-        if not isinstance(trainer.datamodule, TinyStoriesDataModule):
-            raise ValueError("UnlearningEvaluation: fit with a TinyStoriesDataModule (it provides the held-out sets)")
+        if not isinstance(trainer.datamodule, StoryDataModule):
+            raise ValueError(
+                "UnlearningEvaluation: fit with a StoryDataModule such as TinyStoriesDataModule (it provides the "
+                "held-out sets)"
+            )
         routing = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, GradientRoutingCallback)]
         mine = trainer.callbacks.index(self)
         routed = self.method in ("era", "param_routing")
@@ -226,7 +229,7 @@ class UnlearningEvaluation(pl.Callback):
         return stories[: trainer.datamodule.hparams.batch_size]  # type: ignore[attr-defined]
 
     def _held_out(self, trainer: pl.Trainer) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
-        dm: TinyStoriesDataModule = trainer.datamodule  # type: ignore[assignment]
+        dm: StoryDataModule = trainer.datamodule  # type: ignore[assignment]
         assert dm.splits is not None
         retain = list(dm.batches(self._stories(trainer, dm.splits.retain_val), self.eval_batch_size))
         forget = list(dm.batches(self._stories(trainer, dm.splits.forget_val), self.eval_batch_size, forget=True))
@@ -267,7 +270,7 @@ class UnlearningEvaluation(pl.Callback):
         if not trainer.is_global_zero:
             return
         assert isinstance(pl_module, TinyStoriesLM)
-        dm: TinyStoriesDataModule = trainer.datamodule  # type: ignore[assignment]
+        dm: StoryDataModule = trainer.datamodule  # type: ignore[assignment]
         assert dm.splits is not None
         quick = bool(trainer.fast_dev_run)
         started = time.perf_counter()
@@ -338,8 +341,8 @@ class UnlearningEvaluation(pl.Callback):
             results["grad_norms"] = {k: sum(v) / len(v) for k, v in sorted(self._grad_norms.items())}
         results.update(
             method=self.method,
-            oversight=dm.hparams.oversight,
-            precision=dm.hparams.precision,
+            oversight=dm.settings.recall,  # the data module's own argument may be named otherwise (recall)
+            precision=dm.settings.precision,
             data=dm.summary(),
             model={k: pl_module.hparams[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
             parameters=sum(p.numel() for p in pl_module.parameters()),

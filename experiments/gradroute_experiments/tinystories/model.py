@@ -4,7 +4,7 @@ The defaults are the paper's architecture (the ``roneneldan/TinyStories-28M`` co
 8 layers, d_model 512, 16 heads, d_mlp 2048, alternating global / local (window 256) attention, ``gelu_new``,
 untied embeddings, weights drawn from ``N(0, 0.8 / sqrt(d_model))``. The quick recipes shrink it.
 
-It is a :class:`~gradroute_experiments.causal_lm.CausalLM` (steps, per-label losses, optimiser and
+It is a :class:`~gradroute_experiments.text.causal_lm.CausalLM` (steps, per-label losses, optimiser and
 schedule, the optional L1 penalty on MLP activations) with the GPT-Neo architecture given by arguments, and
 ``demix=True``: every MLP becomes a retain / forget expert pair (the DEMix baseline, see ``demix.py``); each
 story's expert is chosen by its per-story ``route_labels``. The CausalLM options ``token_filter_threshold`` (the
@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 from transformers import GPTNeoConfig
 
-from gradroute_experiments.causal_lm import CausalLM
+from gradroute_experiments.text.causal_lm import CausalLM
 from gradroute_experiments.tinystories.demix import DEMixMLP, add_demix_experts, demix_experts
 
 __all__ = ["TinyStoriesLM", "gpt_neo_config"]
@@ -75,12 +75,12 @@ class TinyStoriesLM(CausalLM):
             the GPT-Neo architecture (``intermediate_size`` None means ``4 * hidden_size``).
         initializer_range: std of the normal weight init; None means the paper's ``0.8 / sqrt(hidden_size)``.
         lr, warmup_steps, min_lr_ratio, betas, weight_decay: the optimiser and schedule of
-            :class:`~gradroute_experiments.causal_lm.CausalLM` (the paper: 5e-4, 100, 0.1,
+            :class:`~gradroute_experiments.text.causal_lm.CausalLM` (the paper: 5e-4, 100, 0.1,
             (0.9, 0.95), 0.1).
         l1_coeff: weight of the L1 activation penalty (the paper: 1e-4); 0 disables it.
         l1_modules: the modules whose outputs the L1 penalty reads (glob relative to this module).
         demix: make every MLP a DEMix retain / forget expert pair.
-        token_filter_threshold, routed_optimizer: see :class:`~gradroute_experiments.causal_lm.CausalLM`.
+        token_filter_threshold, routed_optimizer: see :class:`~gradroute_experiments.text.causal_lm.CausalLM`.
     """
 
     def __init__(

@@ -44,7 +44,7 @@ from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
 from lightning_gradroute.evaluation import retraining_attack
-from gradroute_experiments.causal_lm import (
+from gradroute_experiments.text.causal_lm import (
     CausalLM,
     CausalLMEvaluation,
     coherence_finetune_on_stories,
@@ -87,7 +87,7 @@ class RetrainingProtocol:
 class TokenUnlearningEvaluation(CausalLMEvaluation):
     """Ablate routed neurons, coherence fine-tune, retrain symmetrically, measure absorption (module docstring).
 
-    Needs a :class:`~gradroute_experiments.causal_lm.CausalLM` and a data module with ``splits``
+    Needs a :class:`~gradroute_experiments.text.causal_lm.CausalLM` and a data module with ``splits``
     (``retain_val``, ``forget_val``, ``attack_pool``, ``retain_pool``, ``coherence_train``, ``coherence_val``),
     ``batches`` and ``route_token_ids``, such as a ``TinyStoriesDataModule(labels="tokens")``. Put it after the
     ``GradientRoutingCallback``.

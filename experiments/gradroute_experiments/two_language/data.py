@@ -19,22 +19,20 @@ story is over), so the training batch carries, per predicted token (``input_ids[
 
 Label noise is simulated per story: ``recall`` is the fraction of Russian training stories that carry a forget
 label, ``precision`` the fraction of labelled stories that are Russian (below 1, English stories are labelled
-too); see :func:`~gradroute_experiments.tinystories.data.label_noise`. ``drop_labelled_forget=True``
-(data filtering) drops every labelled story before packing.
+too); see :func:`~gradroute_experiments.text.stories.label_noise`. ``drop_labelled_forget=True``
+(data filtering) drops every labelled story before packing (:func:`~gradroute_experiments.text.stories.
+pack_stories`).
 
 Held-out sets (one story per row, cut to ``max_tokens``, with per-story ground-truth labels): ``num_val_stories``
 English and Russian test stories, and ``num_attack_stories`` other Russian stories for the retraining attack.
-Everything else about batching and evaluation is :class:`~gradroute_experiments.tinystories.data.
-TinyStoriesDataModule`'s, which this class extends.
+The shuffles, the held-out split, the token statistics and the held-out batches are the text layer's
+(:class:`~gradroute_experiments.text.story_module.StoryDataModule`, which the TinyStories data module shares).
 """
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,9 +41,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from gradroute_experiments.datafiles import data_path
-from gradroute_experiments.tinystories.data import EOS_TEXT, SAMPLE_FILE, TinyStoriesDataModule, read_stories
+from gradroute_experiments.text.checks import require_file, require_fraction, require_ints
+from gradroute_experiments.text.stories import pack_stories, read_stories, tinystories_sample
+from gradroute_experiments.text.story_module import StoryDataModule, StorySettings
 
-__all__ = ["FORGET_FILE", "TwoLanguageDataModule", "is_russian", "pack_stories"]
+__all__ = ["FORGET_FILE", "TwoLanguageDataModule", "is_russian"]
 
 FORGET_FILE = "tinystories_ru_sample.txt"
 _CYRILLIC = re.compile("[\u0400-\u04ff]")
@@ -56,40 +56,7 @@ def is_russian(text: str) -> bool:
     return _CYRILLIC.search(text) is not None
 
 
-def pack_stories(stories: Sequence[list[int]], flags: Sequence[Sequence[bool]], length: int) -> tuple[Tensor, Tensor]:
-    """Concatenate ``stories`` (each starting with ``<|endoftext|>``) and cut the stream into windows.
-
-    Args:
-        stories: token ids per story, each beginning with the ``<|endoftext|>`` that separates it from the
-            previous one.
-        flags: per story, its flags (e.g. ``(forget, labelled)``); every story has the same number.
-        length: tokens per window; the incomplete last window is dropped.
-
-    Returns:
-        ``(ids, token_flags)``: ``(windows, length)`` token ids and ``(windows, length, n_flags)`` bool flags, each
-        token's being its story's, except that a story's leading ``<|endoftext|>`` has the previous story's
-        flags (it is where that story ends).
-    """
-    if length < 2:
-        raise ValueError(f"pack_stories: length must be at least 2, got {length}")
-    if len(stories) != len(flags) or not stories:
-        raise ValueError(f"pack_stories: need as many flag rows as stories (at least one), got {len(flags)} and "
-                         f"{len(stories)}")  # fmt: skip
-    lengths = torch.tensor([len(story) for story in stories])
-    if bool((lengths < 1).any()):
-        raise ValueError("pack_stories: a story has no tokens (each starts with <|endoftext|>)")
-    owner = torch.repeat_interleave(torch.arange(len(stories)), lengths)  # the story of each token
-    owner[(lengths.cumsum(0) - lengths)[1:]] -= 1  # a story's leading <|endoftext|> ends the previous one
-    token_flags = torch.tensor([list(f) for f in flags], dtype=torch.bool)[owner]
-    windows = len(owner) // length
-    if windows == 0:
-        raise ValueError(f"pack_stories: {len(owner)} tokens do not fill one window of {length}")
-    keep = windows * length
-    ids = torch.tensor(list(itertools.chain.from_iterable(stories))[:keep])
-    return ids.view(windows, length), token_flags[:keep].view(windows, length, -1)
-
-
-class TwoLanguageDataModule(TinyStoriesDataModule):
+class TwoLanguageDataModule(StoryDataModule):
     """English (retain) and Russian (forget) stories, packed into windows with exact per-token language labels.
 
     Example (the recipes' CPU scale)::
@@ -128,52 +95,56 @@ class TwoLanguageDataModule(TinyStoriesDataModule):
         seed: int = 0,
         num_workers: int = 0,
     ) -> None:
-        if not (data_path(forget_data_dir, default="tinystories_ru") / FORGET_FILE).is_file():
-            raise FileNotFoundError(
-                f"TwoLanguageDataModule: {data_path(forget_data_dir, default='tinystories_ru') / FORGET_FILE} is missing; "
-                "put the Russian sample there (or leave forget_data_dir None for the carried one)"
-            )
-        if not 0 <= recall <= 1:
-            raise ValueError(f"TwoLanguageDataModule: recall must be in [0, 1], got {recall}")
-        settings: dict[str, Any] = dict(
-            data_dir=data_dir,
-            tokenizer="bpe",
-            bpe_vocab_size=bpe_vocab_size,
-            oversight=recall,
-            precision=precision,
-            drop_labelled_forget=drop_labelled_forget,
-            labels="document",  # held-out rows: one label per story
-            truncate_chars=10**9,  # whole stories: packing cuts the stream, not the stories
-            max_tokens=max_tokens,
-            batch_size=batch_size,
-            num_val_stories=num_val_stories,
-            num_attack_stories=num_attack_stories,
-            num_coherence_stories=1,  # the two-language recipes run no coherence fine-tune
-            num_coherence_val_stories=1,
-            seed=seed,
-            num_workers=num_workers,
+        owner = "TwoLanguageDataModule"
+        require_file(
+            data_path(forget_data_dir, default="tinystories_ru") / FORGET_FILE,
+            owner,
+            "put the Russian sample there (or leave forget_data_dir None for the carried one)",
         )
-        super().__init__(**settings)
-        # Under LightningCLI, hparams hold only this class's own arguments: add the base class's.
-        base = inspect.signature(TinyStoriesDataModule.__init__).parameters.values()
-        self.hparams.update({p.name: p.default for p in base if p.name != "self"} | settings)
+        require_file(tinystories_sample(data_dir), owner, "put the English sample there (or leave data_dir None)")
+        require_fraction(owner, "recall", recall)
+        require_fraction(owner, "precision", precision, zero_allowed=False)
+        require_ints(
+            owner,
+            {  # argument: (value, smallest allowed)
+                "bpe_vocab_size": (bpe_vocab_size, 1),
+                "max_tokens": (max_tokens, 2),
+                "batch_size": (batch_size, 1),
+                "num_val_stories": (num_val_stories, 1),
+                "num_attack_stories": (num_attack_stories, 1),
+            },
+        )
+        super().__init__(
+            StorySettings(
+                tokenizer="bpe",
+                bpe_vocab_size=bpe_vocab_size,
+                recall=recall,
+                precision=precision,
+                drop_labelled_forget=drop_labelled_forget,
+                num_val_stories=num_val_stories,
+                num_attack_stories=num_attack_stories,
+                num_retain_pool_stories=0,
+                # The two-language recipes run no coherence fine-tune; one story each keeps the splits complete.
+                num_coherence_stories=1,
+                num_coherence_val_stories=1,
+                seed=seed,
+                # truncate_chars None: whole stories, packing cuts the stream, not the stories.
+            )
+        )
+        self.save_hyperparameters()
         self.windows: Tensor | None = None
         self.window_flags: Tensor | None = None
 
     @override
-    def _load_texts(self) -> tuple[list[str], list[str]]:
-        english = read_stories(data_path(self.hparams.data_dir, default="tinystories") / SAMPLE_FILE)
+    def load_texts(self) -> tuple[list[str], list[str]]:
+        english = read_stories(tinystories_sample(self.hparams.data_dir))
         russian = read_stories(data_path(self.hparams.forget_data_dir, default="tinystories_ru") / FORGET_FILE)
         return english + russian, []  # the held-out sets are carved out of both (after shuffling)
 
     @override
-    def encode(self, stories: Sequence[str]) -> list[list[int]]:
-        """Token ids of ``<|endoftext|>`` + story, whole (held-out stories are cut to ``max_tokens`` in setup)."""
-        assert self.tokenizer is not None
-        return [e.ids for e in self.tokenizer.encode_batch([EOS_TEXT + s for s in stories])]
-
-    @override
-    def _classify(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+    def classify(self, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids of the whole stories (held-out ones are cut to ``max_tokens`` in setup) and whether each is
+        Russian."""
         return self.encode(texts), [is_russian(text) for text in texts]
 
     @override
@@ -188,6 +159,12 @@ class TwoLanguageDataModule(TinyStoriesDataModule):
             setattr(splits, name, [ids[:cut] for ids in getattr(splits, name)])
         flags = list(zip(splits.train_forget, splits.train_labelled))
         self.windows, self.window_flags = pack_stories(splits.train, flags, cut)
+
+    @override
+    def route_labels(self, batch: dict[str, Tensor]) -> Tensor:
+        """One label per story (what a per-story batch of :meth:`collate` carries; training windows carry theirs
+        per token, :meth:`collate_windows`)."""
+        return batch["labelled"].long()
 
     def collate_windows(self, items: Sequence[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         """A training batch of packed windows with per-predicted-token ``route_labels``, ``forget``, ``labelled``."""
@@ -217,11 +194,11 @@ class TwoLanguageDataModule(TinyStoriesDataModule):
 
     @override
     def summary(self) -> dict[str, Any]:
-        """The story counts of :meth:`TinyStoriesDataModule.summary` plus the packed windows' token counts."""
+        """The story counts of :meth:`StoryDataModule.summary` plus the packed windows' token counts."""
         assert self.window_flags is not None
         tokens = self.window_flags[:, 1:]  # predicted tokens
         return super().summary() | {
-            "recall": self.hparams.oversight,
+            "recall": self.hparams.recall,
             "precision": self.hparams.precision,
             "batch_size": self.hparams.batch_size,
             "max_tokens": self.hparams.max_tokens,

@@ -16,8 +16,9 @@ A **forget corpus** (the virology recipe: WMDP's bio forget corpus, a ``.jsonl``
 Held-out sets, one document per row (``<|endoftext|>`` + document, at most ``max_tokens`` tokens), come from the
 head of the stream, which training skips: ``splits.retain_val`` (validation and retain test set), ``retain_pool``,
 ``coherence_train`` and ``coherence_val`` from web documents; ``forget_val`` and ``attack_pool`` from the forget
-corpus. They have the shape the evaluations expect (:class:`~gradroute_experiments.tinystories.data.
-StorySplits`); ``splits.train`` is empty because training streams.
+corpus. They have the shape the evaluations expect (:class:`~gradroute_experiments.text.stories.StorySplits`,
+batched by :class:`~gradroute_experiments.text.stories.StoryBatches` like the story data modules' sets);
+``splits.train`` is empty because training streams.
 
 Under DDP each rank reads its own part of the stream (``datasets.distributed.split_dataset_by_node``) and of the
 forget corpus; DataLoader workers split a rank's part further.
@@ -42,13 +43,9 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from gradroute_experiments.datafiles import data_path
-from gradroute_experiments.tinystories.data import (
-    EOS_TEXT,
-    StoryBatches,
-    StorySplits,
-    load_tokenizer,
-    read_stories,
-)
+from gradroute_experiments.text.checks import require_ints
+from gradroute_experiments.text.stories import StoryBatches, StorySplits, read_stories
+from gradroute_experiments.text.tokenizer import load_tokenizer
 from lightning_gradroute.text_labels import TokenSetLabels
 
 __all__ = ["WebTextDataModule", "read_documents"]
@@ -174,21 +171,21 @@ class WebTextDataModule(StoryBatches, pl.LightningDataModule):
         super().__init__()
         if isinstance(route_tokens, str) or not route_tokens:
             raise ValueError(f"WebTextDataModule: route_tokens must be a non-empty list of texts, got {route_tokens!r}")
-        minimum = {  # argument: (value, smallest allowed)
-            "max_tokens": (max_tokens, 2),
-            "batch_size": (batch_size, 1),
-            "forget_copies": (forget_copies, 1),
-            "forget_every": (forget_every, 1),
-            "num_val_documents": (num_val_documents, 1),
-            "num_retain_pool_documents": (num_retain_pool_documents, 0),
-            "num_coherence_documents": (num_coherence_documents, 0),
-            "num_coherence_val_documents": (num_coherence_val_documents, 0),
-            "num_forget_val_documents": (num_forget_val_documents, 0),
-            "num_attack_documents": (num_attack_documents, 0),
-        }
-        for name, (value, smallest) in minimum.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-                raise ValueError(f"WebTextDataModule: {name} must be an int >= {smallest}, got {value!r}")
+        require_ints(
+            "WebTextDataModule",
+            {  # argument: (value, smallest allowed)
+                "max_tokens": (max_tokens, 2),
+                "batch_size": (batch_size, 1),
+                "forget_copies": (forget_copies, 1),
+                "forget_every": (forget_every, 1),
+                "num_val_documents": (num_val_documents, 1),
+                "num_retain_pool_documents": (num_retain_pool_documents, 0),
+                "num_coherence_documents": (num_coherence_documents, 0),
+                "num_coherence_val_documents": (num_coherence_val_documents, 0),
+                "num_forget_val_documents": (num_forget_val_documents, 0),
+                "num_attack_documents": (num_attack_documents, 0),
+            },
+        )
         if forget_corpus is None and (num_forget_val_documents or num_attack_documents):
             raise ValueError("WebTextDataModule: num_forget_val_documents / num_attack_documents need a forget_corpus")
         if forget_corpus is not None and not data_path(forget_corpus).is_file():
@@ -239,11 +236,6 @@ class WebTextDataModule(StoryBatches, pl.LightningDataModule):
             if text:
                 yield text
 
-    def _held_out(self, texts: Sequence[str]) -> list[list[int]]:
-        assert self.tokenizer is not None
-        encodings = self.tokenizer.encode_batch([EOS_TEXT + text for text in texts])
-        return [e.ids[: self.hparams.max_tokens] for e in encodings]
-
     @override
     def setup(self, stage: str) -> None:
         if self.splits is not None:
@@ -267,12 +259,12 @@ class WebTextDataModule(StoryBatches, pl.LightningDataModule):
                     f"WebTextDataModule: the forget corpus has {len(documents)} documents; {need} are held out and at "
                     "least one must remain for training"
                 )
-            forget_held = self._held_out(documents[:need])
+            forget_held = self.encode(documents[:need], hp.max_tokens)
             trained = self.tokenizer.encode_batch(documents[need:], add_special_tokens=False)
             self._forget_train = [e.ids for e in trained]
         sizes = (hp.num_val_documents, hp.num_retain_pool_documents, hp.num_coherence_documents)
         ends = list(itertools.accumulate((*sizes, hp.num_coherence_val_documents)))
-        retain_held = self._held_out(web)
+        retain_held = self.encode(web, hp.max_tokens)
         self.splits = StorySplits(
             train=[],
             train_forget=[],
