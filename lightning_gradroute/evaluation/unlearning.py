@@ -20,12 +20,8 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation.finetune import (
-    FinetuneResult,
-    coherence_finetune,
-    retraining_attack,
-    steps_to_recover,
-)
+from lightning_gradroute.evaluation.finetune import FinetuneResult, coherence_finetune
+from lightning_gradroute.evaluation.finetune import retraining_attack, steps_to_recover
 from lightning_gradroute.evaluation.losses import LossFn, mean_loss, next_token_loss
 
 __all__ = [
@@ -40,37 +36,28 @@ __all__ = [
 
 @runtime_checkable
 class UnlearningData(Protocol):
-    """The data of an unlearning evaluation. Each ``*_examples`` method returns a sequence of examples (a list,
-    a map-style ``Dataset``; ``len`` and ``[i]``), called on rank 0 after training; ``collate_examples`` makes a
-    batch for ``loss_fn`` out of some of them (``split``: the method they came from, without ``_examples``).
+    """The data of an unlearning evaluation, read on rank 0 after training. Each ``*_examples`` method returns a
+    sequence of examples (a list, a map-style ``Dataset``: ``len`` and ``[i]``): ``retain_eval_examples`` and
+    ``forget_eval_examples`` are held out (the retain and forget losses), ``attack_pool_examples`` are other
+    forget examples the retraining attack draws from. ``collate_examples(examples, split)`` makes a batch for
+    ``loss_fn`` out of some of them; ``split`` names the method they came from, without ``_examples``.
     """
 
-    def retain_eval_examples(self) -> Sequence[Any]:
-        """Held-out retain examples: the retain loss."""
-
-    def forget_eval_examples(self) -> Sequence[Any]:
-        """Held-out forget examples: the forget loss."""
-
-    def attack_pool_examples(self) -> Sequence[Any]:
-        """Forget examples the retraining attack draws from (not those of ``forget_eval_examples``)."""
-
-    def collate_examples(self, examples: Sequence[Any], split: str) -> Any:
-        """One batch of ``examples`` of ``split`` (``"retain_eval"``, ``"forget_eval"``, ``"attack_pool"``, ...)."""
+    def retain_eval_examples(self) -> Sequence[Any]: ...
+    def forget_eval_examples(self) -> Sequence[Any]: ...
+    def attack_pool_examples(self) -> Sequence[Any]: ...
+    def collate_examples(self, examples: Sequence[Any], split: str) -> Any: ...
 
 
 @runtime_checkable
 class CoherenceData(Protocol):
-    """The data of the coherence fine-tune after ablation: retain examples to train on and others to pick the
-    best step by (``collate_examples`` as in :class:`UnlearningData`, ``split`` ``"coherence_train"`` / ``"_val"``)."""
+    """The data of the coherence fine-tune after ablation: ``coherence_train_examples``, retain examples it trains
+    on (one batch), and ``coherence_val_examples``, other retain examples that pick the best step; batched by
+    ``collate_examples`` as in :class:`UnlearningData`."""
 
-    def coherence_train_examples(self) -> Sequence[Any]:
-        """Retain examples the fine-tune trains on, all in one batch."""
-
-    def coherence_val_examples(self) -> Sequence[Any]:
-        """Other retain examples; the step with the lowest loss on them is kept."""
-
-    def collate_examples(self, examples: Sequence[Any], split: str) -> Any:
-        """One batch of ``examples`` of ``split``."""
+    def coherence_train_examples(self) -> Sequence[Any]: ...
+    def coherence_val_examples(self) -> Sequence[Any]: ...
+    def collate_examples(self, examples: Sequence[Any], split: str) -> Any: ...
 
 
 def _check_protocol(data: Any, protocol: type, who: str) -> None:
@@ -83,12 +70,15 @@ def _check_protocol(data: Any, protocol: type, who: str) -> None:
         )
 
 
+def _take(examples: Sequence[Any], start: int = 0, stop: int | None = None) -> list[Any]:
+    """``examples[start:stop]`` as a list, for any sequence (a ``Dataset`` cannot slice)."""
+    return [examples[i] for i in range(start, len(examples) if stop is None else min(stop, len(examples)))]
+
+
 def _batches(data: Any, examples: Sequence[Any], split: str, batch_size: int) -> list[Any]:
     """``examples`` in order, in batches of ``batch_size`` made by ``data.collate_examples``."""
-    return [
-        data.collate_examples([examples[i] for i in range(start, min(start + batch_size, len(examples)))], split)
-        for start in range(0, len(examples), batch_size)
-    ]
+    starts = range(0, len(examples), batch_size)
+    return [data.collate_examples(_take(examples, i, i + batch_size), split) for i in starts]
 
 
 def coherence_finetune_on(
@@ -104,17 +94,10 @@ def coherence_finetune_on(
     ``coherence_train_examples``, keeping the step with the lowest mean loss on ``coherence_val_examples``
     (batches of ``batch_size``); ``limit`` caps both sets (smoke runs). AdamW with ``lr``, betas (0.9, 0.95),
     weight decay 0.1; ``model`` ends with the best weights."""
-    train, val = data.coherence_train_examples(), data.coherence_val_examples()
-    train_count, val_count = (len(train), len(val)) if limit is None else (min(limit, len(train)), min(limit, len(val)))
-    validation = _batches(data, [val[i] for i in range(val_count)], "coherence_val", batch_size)
-    return coherence_finetune(
-        model,
-        loss_fn,
-        data.collate_examples([train[i] for i in range(train_count)], "coherence_train"),
-        eval_fn=lambda m: mean_loss(m, validation, loss_fn),
-        steps=steps,
-        lr=lr,
-    )
+    train = data.collate_examples(_take(data.coherence_train_examples(), stop=limit), "coherence_train")
+    validation = _batches(data, _take(data.coherence_val_examples(), stop=limit), "coherence_val", batch_size)
+    eval_fn = lambda m: mean_loss(m, validation, loss_fn)  # noqa: E731
+    return coherence_finetune(model, loss_fn, train, eval_fn=eval_fn, steps=steps, lr=lr)
 
 
 def recovery_steps(attack: dict[str, Any], target_loss: float) -> int | None:
@@ -301,7 +284,7 @@ class UnlearningEvaluation(EvaluationCallback):
 
     def held_out_losses(self, model: nn.Module, metrics: Sequence[str] | None = None) -> dict[str, float]:
         """The held-out losses of ``model`` named in ``metrics`` (default :attr:`LOSSES`; ``forget`` always)."""
-        wanted = [name for name in ("retain", "forget") if name in (metrics or self.LOSSES) or name == "forget"]
+        wanted = [name for name in ("retain", "forget") if name == "forget" or name in (metrics or self.LOSSES)]
         return {name: mean_loss(model, self.eval_batches(f"{name}_eval"), self.loss_fn) for name in wanted}
 
     def metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -311,10 +294,9 @@ class UnlearningEvaluation(EvaluationCallback):
     def eval_batches(self, split: str) -> list[Any]:
         """The held-out batches of ``"retain_eval"`` or ``"forget_eval"`` (built once)."""
         if split not in self._eval_batches:
-            examples = getattr(self._data, f"{split}_examples")()
-            count = min(len(examples), self.eval_batch_size) if self._quick else len(examples)
-            chosen = [examples[i] for i in range(count)]
-            self._eval_batches[split] = _batches(self._data, chosen, split, self.eval_batch_size)
+            stop = self.eval_batch_size if self._quick else None
+            examples = _take(getattr(self._data, f"{split}_examples")(), stop=stop)
+            self._eval_batches[split] = _batches(self._data, examples, split, self.eval_batch_size)
         return self._eval_batches[split]
 
     # ----------------------------------------------------------------------------------------- stages
