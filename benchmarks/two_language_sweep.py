@@ -31,7 +31,7 @@ from recipe_run import report_header, run_recipe, save_figure, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from gradroute_experiments.tinystories.evaluate import recovery_steps  # noqa: E402
+from lightning_gradroute.evaluation import recovery_steps  # noqa: E402
 
 METHODS = ("plain", "data_filtering", "token_filtering", "era_activation", "sgtm", "era_parameter", "sgtm_unmasked")
 LABELS = {

@@ -289,7 +289,7 @@ def test_each_method_runs_train_ablate_finetune_attack(method: str, tmp_path: Pa
         assert set(results[stage]) == {"retain", "forget", "forget_tokens"}
         assert all(3 < v < 10 for v in results[stage].values())
     attack = results["attack"]
-    assert attack["stories"] == 4 and {len(c) for c in attack["curves"].values()} == {3}
+    assert attack["examples"] == 4 and {len(c) for c in attack["curves"].values()} == {3}
     assert attack["curves"]["forget"][0] == pytest.approx(results["final"]["forget"])
     assert attack["lowest_forget"] == min(attack["curves"]["forget"])
     assert ("coherence" in results) == (method in ("era", "param_routing", "demix"))

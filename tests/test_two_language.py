@@ -17,8 +17,9 @@ from helpers import trainer_kwargs
 from gradroute_experiments.datafiles import DATA_DIR
 from lightning_gradroute import GradientRouter, GradientRoutingCallback, ParameterTarget, Route, Target
 from gradroute_experiments.text.stories import label_noise, pack_stories, read_stories
+from lightning_gradroute.evaluation import recovery_steps
 from gradroute_experiments.tinystories.dedicated import dedicated_units, zero_dedicated_units
-from gradroute_experiments.tinystories.evaluate import UnlearningEvaluation, recovery_steps
+from gradroute_experiments.tinystories.evaluate import UnlearningEvaluation
 from gradroute_experiments.tinystories.model import TinyStoriesLM
 from gradroute_experiments.two_language.data import FORGET_FILE, TwoLanguageDataModule, is_russian
 from gradroute_experiments.two_language.retain_mask import RetainMask

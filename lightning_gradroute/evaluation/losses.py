@@ -10,14 +10,23 @@ model's device first.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
-__all__ = ["LossFn", "evaluation_mode", "mean_loss", "model_device", "retain_forget_loss"]
+__all__ = [
+    "LossFn",
+    "evaluation_mode",
+    "mean_loss",
+    "model_device",
+    "next_token_loss",
+    "next_token_losses",
+    "retain_forget_loss",
+]
 
 #: ``loss_fn(model, batch) -> scalar tensor``: the mean loss of one batch.
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -75,3 +84,34 @@ def retain_forget_loss(
         losses = retain_forget_loss(model, lambda m, b: m(**b).loss, retain_loader, forget_loader)
     """
     return {"retain": mean_loss(model, retain, loss_fn), "forget": mean_loss(model, forget, loss_fn)}
+
+
+def next_token_losses(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-token cross-entropy of a causal LM on ``batch``: ``(losses, valid)``, both ``(B, T - 1)``.
+
+    Feeds ``input_ids[:, :-1]`` as ``model(input_ids=...)`` (an HF model's output ``.logits``, or a tensor of
+    logits) and scores ``input_ids[:, 1:]``; a position is valid where both tokens are real
+    (``batch["attention_mask"]``, all tokens when the batch has none).
+    """
+    if not isinstance(batch, Mapping) or "input_ids" not in batch:
+        raise TypeError(f"next_token_losses: the batch must be a mapping with 'input_ids', got {type(batch).__name__}")
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    output = model(input_ids=ids[:, :-1])
+    logits = output if isinstance(output, Tensor) else output.logits
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view_as(ids[:, 1:])
+    return losses, (mask[:, :-1] * mask[:, 1:]).bool()
+
+
+def next_token_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    """The mean next-token cross-entropy of a causal LM over the real tokens of ``batch``
+    (:func:`next_token_losses`): the default ``loss_fn`` of
+    :class:`~lightning_gradroute.evaluation.UnlearningEvaluation`.
+
+    Example (a LightningModule holding its HF model as ``self.model``)::
+
+        loss_fn = lambda module, batch: next_token_loss(module.model, batch)
+    """
+    losses, valid = next_token_losses(model, batch)
+    return (losses * valid).sum() / valid.sum().clamp_min(1)

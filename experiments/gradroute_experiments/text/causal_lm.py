@@ -20,29 +20,25 @@ Two options for unlearning baselines and parameter routing:
 * ``routed_optimizer=True``: :class:`~lightning_gradroute.RoutedAdamW` instead of ``torch.optim.AdamW``, for
   parameter routing (units a step's data may not change keep their value and optimizer state exactly).
 
-:func:`token_mean_loss` and :func:`weighted_token_losses` are the evaluation losses of such a model,
-:func:`coherence_finetune_on_stories` its coherence fine-tune on a text data module's held-out stories.
+:func:`token_mean_loss` and :func:`weighted_token_losses` are the evaluation losses of such a model.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 import transformers
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
-from lightning_gradroute.evaluation import FinetuneResult, coherence_finetune, mean_loss
-from lightning_gradroute.evaluation.losses import evaluation_mode, model_device
+from lightning_gradroute.evaluation import EvaluationCallback
+from lightning_gradroute.evaluation.losses import evaluation_mode, model_device, next_token_losses
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.optim import RoutedAdamW
 from lightning_gradroute.targets import Target, resolve_modules
@@ -50,22 +46,10 @@ from lightning_gradroute.targets import Target, resolve_modules
 __all__ = [
     "CausalLM",
     "CausalLMEvaluation",
-    "coherence_finetune_on_stories",
     "next_token_losses",
     "token_mean_loss",
     "weighted_token_losses",
 ]
-
-
-def next_token_losses(model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """Per-token CE of a causal LM on ``batch``: ``(losses, valid)``, both ``(B, T - 1)``.
-
-    Feeds ``input_ids[:, :-1]``, scores ``input_ids[:, 1:]``; a position counts where both tokens are real.
-    """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids[:, :-1]).logits
-    losses = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none").view_as(ids[:, 1:])
-    return losses, (mask[:, :-1] * mask[:, 1:]).bool()
 
 
 class CausalLM(GradientRoutingMixin, pl.LightningModule):
@@ -250,37 +234,16 @@ class CausalLM(GradientRoutingMixin, pl.LightningModule):
 
 
 # --------------------------------------------------------------------------------------------- evaluation
-class CausalLMEvaluation(pl.Callback):
-    """Base of the evaluations that run on a :class:`CausalLM` when ``fit`` ends and write ``results.json``.
-
-    ``setup("fit")`` checks that the model is a :class:`CausalLM`, calls :meth:`check` (subclasses raise there on
-    anything they cannot evaluate, before training starts) and resolves the log dir on every rank (under DDP
-    ``trainer.log_dir`` is a collective); :meth:`write_results` writes ``results.json`` there.
-    """
-
-    def __init__(self) -> None:
-        self.results: dict[str, Any] = {}
-        self.out_dir = Path(".")
+class CausalLMEvaluation(EvaluationCallback):
+    """Base of the evaluations that run on a :class:`CausalLM` when ``fit`` ends and write ``results.json``
+    (:class:`~lightning_gradroute.evaluation.EvaluationCallback`: ``check``, the log dir, ``write_results``);
+    ``setup("fit")`` first checks that the model is a :class:`CausalLM`."""
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        if not isinstance(pl_module, CausalLM):
+        if stage == "fit" and not isinstance(pl_module, CausalLM):
             raise ValueError(f"{type(self).__name__}: the model must be a CausalLM, got {type(pl_module).__name__}")
-        self.check(trainer, pl_module)
-        self.out_dir = Path(trainer.log_dir or trainer.default_root_dir)
-
-    def check(self, trainer: pl.Trainer, pl_module: CausalLM) -> None:
-        """Raise if this trainer, model or data module cannot be evaluated (nothing to check by default)."""
-
-    def write_results(self, results: dict[str, Any]) -> Path:
-        """Keep ``results`` and write them to ``<log dir>/results.json``; return the path."""
-        self.results = results
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / "results.json"
-        path.write_text(json.dumps(results, indent=2))
-        return path
+        super().setup(trainer, pl_module, stage)
 
 
 def token_mean_loss(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
@@ -329,22 +292,3 @@ def weighted_token_losses(
     if empty:
         raise ValueError(f"weighted_token_losses: table {empty[0]!r} gives no target token in the batches a weight")
     return {name: totals[name] / weights[name] for name in token_weights}
-
-
-def coherence_finetune_on_stories(
-    model: CausalLM, data: Any, steps: int, lr: float, eval_batch_size: int, limit: int | None = None
-) -> FinetuneResult:
-    """:func:`~lightning_gradroute.evaluation.coherence_finetune` of a :class:`CausalLM` on a text data module's
-    held-out sets: one batch of ``data.splits.coherence_train`` stories, keeping the step with the lowest token-mean
-    loss on ``data.splits.coherence_val`` (batched by ``data.batches``); ``limit`` caps both sets (smoke runs).
-    AdamW with ``lr``, betas (0.9, 0.95), weight decay 0.1; ``model`` ends with the best weights."""
-    train = data.splits.coherence_train[:limit]
-    validation = list(data.batches(data.splits.coherence_val[:limit], eval_batch_size))
-    return coherence_finetune(
-        model,
-        token_mean_loss,
-        next(data.batches(train, len(train))),
-        eval_fn=lambda m: mean_loss(m, validation, token_mean_loss),
-        steps=steps,
-        lr=lr,
-    )

@@ -238,8 +238,30 @@ class StoryBatches(abc.ABC):
         """Batches of ``stories`` in order; ``route_labels`` (per story) say whether they are forget stories."""
         size = batch_size or self.hparams.batch_size
         for start in range(0, len(stories), size):
-            chunk = stories[start : start + size]
-            yield self._collate_ground_truth([{"ids": ids, "forget": forget, "labelled": forget} for ids in chunk])
+            yield self._story_batch(stories[start : start + size], forget)
+
+    def _story_batch(self, stories: Sequence[list[int]], forget: bool) -> dict[str, Tensor]:
+        return self._collate_ground_truth([{"ids": ids, "forget": forget, "labelled": forget} for ids in stories])
+
+    # The UnlearningData and CoherenceData protocols of lightning_gradroute.evaluation (its UnlearningEvaluation).
+    def retain_eval_examples(self) -> list[list[int]]:
+        return self._require_splits().retain_val
+
+    def forget_eval_examples(self) -> list[list[int]]:
+        return self._require_splits().forget_val
+
+    def attack_pool_examples(self) -> list[list[int]]:
+        return self._require_splits().attack_pool
+
+    def coherence_train_examples(self) -> list[list[int]]:
+        return self._require_splits().coherence_train
+
+    def coherence_val_examples(self) -> list[list[int]]:
+        return self._require_splits().coherence_val
+
+    def collate_examples(self, examples: Sequence[list[int]], split: str) -> dict[str, Tensor]:
+        """A batch of stories as :meth:`batches` makes it, forget stories for the forget and attack splits."""
+        return self._story_batch(examples, forget=split in ("forget_eval", "attack_pool"))
 
     def _require_splits(self) -> StorySplits:
         if self.splits is None:

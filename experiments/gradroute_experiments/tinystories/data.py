@@ -26,8 +26,9 @@ training stories that carry a forget label (:func:`~gradroute_experiments.text.s
 ``drop_labelled_forget=True`` is the data-filtering baseline.
 
 Validation batches carry the ground truth (``route_labels`` = 1 for forget stories), so the mixin logs
-``val/loss_retain`` and ``val/loss_forget``. The evaluation pipeline takes its story sets from
-:attr:`TinyStoriesDataModule.splits` and batches them with :meth:`TinyStoriesDataModule.batches`.
+``val/loss_retain`` and ``val/loss_forget``. The evaluation pipeline
+(:class:`~lightning_gradroute.evaluation.UnlearningEvaluation`) reads the held-out story sets of
+:attr:`TinyStoriesDataModule.splits` through the text layer's ``*_examples`` and ``collate_examples`` methods.
 
 The shuffles, the tokenizer, the held-out split, the label noise and the batching are the text layer's
 (:class:`~gradroute_experiments.text.story_module.StoryDataModule`, which the two-language data module shares);

@@ -21,71 +21,45 @@ token_filtering none (labelled forget tokens never      no               yes
 base            none                                    no               yes (reference)
 =============== ===================================== ================ ==========================
 
-Losses are measured on the held-out retain and forget stories of :class:`TinyStoriesDataModule` at each
-stage (``pre_ablation`` right after training, ``post_ablation``, ``final`` after the coherence fine-tune):
-``retain`` and ``forget`` are the paper's (mean of per-batch token-averaged losses); ``forget_tokens`` is a
-diagnostic of ours, the loss on the forget stories' tokens weighted by how forget-characteristic each is
-(``1 - w``, the routing weight), which isolates the concept from the ordinary English around it. The
-attack fine-tunes the final model on ``attack_stories`` forget stories drawn (per seed) from the held-out
-attack pool, as one batch (or cycled batches of ``attack_batch_size``), and records the seed-averaged losses
-(``attack_metrics``) after every ``attack_eval_every``-th step; the "robust" forget loss is the lowest point of
-that curve (step 0 included). Unlike the paper's script the attack never stops early, so its lowest loss is at
-most the paper's for the same runs. With several learning rates (``attack_lr`` a list, an attacker's sweep) every
-rate runs from the same weights and the robust forget loss is the lowest over all of them; the curves of each rate
-are kept, so the steps the attack needs to reach a reference loss (SGTM's steps to recover) can be read off
-afterwards.
-
-With ``log_grad_norms=True`` on the routing callback, the mean over training steps of each logged gradient norm
-(``gradroute/grad_norm/<target>/<label>/<units>``) is copied into ``results.json`` (``grad_norms``).
+The pipeline is the core's :class:`~lightning_gradroute.evaluation.UnlearningEvaluation` (stages, attack,
+``results.json``; see its docstring), reading the held-out retain and forget stories, the attack pool and the
+coherence stories of :class:`TinyStoriesDataModule` through its
+:class:`~lightning_gradroute.evaluation.UnlearningData` methods. This subclass adds the methods' ablations
+(demix, param_routing, rmu, through the :meth:`~lightning_gradroute.evaluation.UnlearningEvaluation.ablate`
+hook), checks the method against the trainer's setup, and records the method, oversight and data counts.
+``retain`` and ``forget`` are the paper's losses (mean of per-batch token-averaged losses); ``forget_tokens`` is
+a diagnostic of ours, the loss on the forget stories' tokens weighted by how forget-characteristic each is
+(``1 - w``, the routing weight), which isolates the concept from the ordinary English around it. Unlike the
+paper's script the attack never stops early, so its lowest loss is at most the paper's for the same runs.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import random
-import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
-from torch import Tensor, nn
+from torch import nn
 from typing_extensions import override
 
-from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation import mean_loss, retraining_attack, steps_to_recover
-from gradroute_experiments.text.causal_lm import (
-    coherence_finetune_on_stories,
-    token_mean_loss,
-    weighted_token_losses,
-)
+from lightning_gradroute.evaluation import UnlearningEvaluation as CausalLMUnlearningEvaluation
+from gradroute_experiments.text.causal_lm import token_mean_loss, weighted_token_losses
 from gradroute_experiments.text.story_module import StoryDataModule
 from gradroute_experiments.tinystories.dedicated import zero_dedicated_units
 from gradroute_experiments.tinystories.demix import keep_retain_experts
 from gradroute_experiments.tinystories.model import TinyStoriesLM
 from gradroute_experiments.tinystories.rmu import RMU
 
-__all__ = ["LOSSES", "METHODS", "UnlearningEvaluation", "recovery_steps"]
+__all__ = ["LOSSES", "METHODS", "UnlearningEvaluation"]
 
 METHODS = ("era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base")
 Method = Literal["era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base"]
 #: The held-out losses the pipeline measures (``forget_tokens``: the forget stories' tokens weighted by ``1 - w``).
 LOSSES = ("retain", "forget", "forget_tokens")
-_GRAD_NORM_PREFIX = "gradroute/grad_norm/"
 
 
-def recovery_steps(attack: dict[str, Any], target_loss: float) -> int | None:
-    """Steps to recover (SGTM's metric) from the ``attack`` entry of a ``results.json``: the fewest attack steps
-    after which some learning rate's seed-averaged forget loss is at or below ``target_loss`` (in practice plain
-    training's forget loss); ``None`` if no rate gets there within the attack (the attack's length is the cap)."""
-    found = [
-        steps_to_recover(a["curves"]["forget"], target_loss, attack["eval_steps"]) for a in attack["by_lr"].values()
-    ]
-    return min((s for s in found if s is not None), default=None)
-
-
-class UnlearningEvaluation(pl.Callback):
+class UnlearningEvaluation(CausalLMUnlearningEvaluation):
     """Run the unlearning evaluation of ``method`` when ``fit`` ends and write ``results.json`` to the log dir.
 
     Put it *after* the ``GradientRoutingCallback`` in the callback list (its ablation must run first). Under
@@ -116,6 +90,8 @@ class UnlearningEvaluation(pl.Callback):
         results_file: file name under the trainer's log dir.
     """
 
+    LOSSES = LOSSES
+
     def __init__(
         self,
         method: Method = "era",
@@ -134,50 +110,29 @@ class UnlearningEvaluation(pl.Callback):
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"UnlearningEvaluation: method must be one of {METHODS}, got {method!r}")
-        for name, value in (("coherence_steps", coherence_steps), ("attack_steps", attack_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"UnlearningEvaluation: {name} must be an int >= 0, got {value!r}")
-        for name, value in (
-            ("attack_stories", attack_stories),
-            ("attack_seeds", attack_seeds),
-            ("attack_eval_every", attack_eval_every),
-            ("attack_batch_size", attack_batch_size or 1),
-            ("eval_batch_size", eval_batch_size),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"UnlearningEvaluation: {name} must be a positive int, got {value!r}")
-        lrs = list(attack_lr) if isinstance(attack_lr, (list, tuple)) else [attack_lr]
-        if not lrs or len(set(lrs)) != len(lrs) or not all(isinstance(lr, (int, float)) and lr > 0 for lr in lrs):
-            raise ValueError(
-                f"UnlearningEvaluation: attack_lr must be a positive number or distinct ones, got {attack_lr}"
-            )
-        if "forget" not in attack_metrics or not set(attack_metrics) <= set(LOSSES):
-            raise ValueError(
-                f"UnlearningEvaluation: attack_metrics must include 'forget' and be among {LOSSES}, got "
-                f"{attack_metrics}"
-            )
         if rmu is not None and method != "rmu":
             raise ValueError(f"UnlearningEvaluation: rmu settings given for method {method!r}; they need method='rmu'")
+        super().__init__(
+            loss_fn=token_mean_loss,
+            coherence_steps=coherence_steps,
+            coherence_lr=coherence_lr,
+            attack_steps=attack_steps,
+            attack_lr=attack_lr,
+            attack_examples=attack_stories,
+            attack_batch_size=attack_batch_size,
+            attack_seeds=attack_seeds,
+            attack_eval_every=attack_eval_every,
+            attack_metrics=attack_metrics,
+            eval_batch_size=eval_batch_size,
+            results_file=results_file,
+        )
         self.method = method
         self.coherence_steps = coherence_steps if method in ("era", "param_routing", "demix") else 0
-        self.coherence_lr = coherence_lr
-        self.attack_steps, self.attack_lrs = attack_steps, lrs
-        self.attack_stories, self.attack_seeds, self.attack_batch_size = attack_stories, attack_seeds, attack_batch_size
-        self.attack_eval_every, self.attack_metrics = attack_eval_every, tuple(attack_metrics)
-        self.eval_batch_size = eval_batch_size
         self.rmu = (rmu or RMU()) if method == "rmu" else None
-        self.results_file = results_file
-        self.results: dict[str, Any] = {}
-        self._routing: GradientRoutingCallback | None = None
-        self._grad_norms: dict[str, list[float]] = {}
-        self._started = 0.0
-        self._out_dir = Path(".")
+        self._dm: StoryDataModule | None = None
 
-    # ------------------------------------------------------------------ checks
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not isinstance(pl_module, TinyStoriesLM):
             raise ValueError(f"UnlearningEvaluation: the model must be a TinyStoriesLM, got {type(pl_module).__name__}")
         if not isinstance(trainer.datamodule, StoryDataModule):
@@ -185,24 +140,18 @@ class UnlearningEvaluation(pl.Callback):
                 "UnlearningEvaluation: fit with a StoryDataModule such as TinyStoriesDataModule (it provides the "
                 "held-out sets)"
             )
-        routing = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, GradientRoutingCallback)]
-        mine = trainer.callbacks.index(self)
+        self._dm = trainer.datamodule
         routed = self.method in ("era", "param_routing")
-        if routed and not routing:
+        if routed and self.routing is None:
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}): add a GradientRoutingCallback to the trainer"
             )
-        if routing and routing[0] > mine:
-            raise ValueError(
-                "UnlearningEvaluation: list it after the GradientRoutingCallback, whose ablation comes first"
-            )
-        if routing and not routed:
+        if self.routing is not None and not routed:
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}): the trainer routes gradients; use 'era' (with an "
                 "expansion) or 'param_routing'"
             )
-        self._routing = trainer.callbacks[routing[0]] if routing else None  # type: ignore[assignment]
-        if self._routing is not None and bool(self._routing.expansions) != (self.method == "era"):
+        if self.routing is not None and bool(self.routing.expansions) != (self.method == "era"):
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}): 'era' needs the routing callback's expansions (it "
                 "contracts them), 'param_routing' routes without one (it zeroes the units only forget data trains)"
@@ -216,147 +165,50 @@ class UnlearningEvaluation(pl.Callback):
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}) needs a model with demix={self.method == 'demix'}"
             )
-        # trainer.log_dir is a collective under DDP: resolve it here, on every rank, not in rank-0-only code.
-        self._out_dir = Path(trainer.log_dir or trainer.default_root_dir)
-        self._started = time.perf_counter()
 
-    # ---------------------------------------------------------------- helpers
-    @staticmethod
-    def _stories(trainer: pl.Trainer, stories: list[list[int]]) -> list[list[int]]:
-        """Under ``fast_dev_run`` every evaluation uses one training batch worth of stories at most."""
-        if not trainer.fast_dev_run:
-            return stories
-        return stories[: trainer.datamodule.hparams.batch_size]  # type: ignore[attr-defined]
-
-    def _held_out(self, trainer: pl.Trainer) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
-        dm: StoryDataModule = trainer.datamodule  # type: ignore[assignment]
-        assert dm.splits is not None
-        retain = list(dm.batches(self._stories(trainer, dm.splits.retain_val), self.eval_batch_size))
-        forget = list(dm.batches(self._stories(trainer, dm.splits.forget_val), self.eval_batch_size, forget=True))
-        return retain, forget
-
-    def _losses(self, trainer: pl.Trainer, model: nn.Module, which: tuple[str, ...] = LOSSES) -> dict[str, float]:
-        retain, forget = self._held_out(trainer)
-        losses = {}
-        if "retain" in which:
-            losses["retain"] = mean_loss(model, retain, token_mean_loss)
-        losses["forget"] = mean_loss(model, forget, token_mean_loss)
-        if "forget_tokens" in which:
-            token_weights = trainer.datamodule.token_weights  # type: ignore[attr-defined]
-            losses |= weighted_token_losses(model, forget, {"forget_tokens": 1 - token_weights})
+    @override
+    def held_out_losses(self, model: nn.Module, metrics: Sequence[str] | None = None) -> dict[str, float]:
+        metrics = LOSSES if metrics is None else metrics
+        losses = super().held_out_losses(model, metrics)
+        if "forget_tokens" in metrics:
+            assert self._dm is not None and self._dm.token_weights is not None
+            tables = {"forget_tokens": 1 - self._dm.token_weights}
+            losses |= weighted_token_losses(model, self.eval_batches("forget_eval"), tables)
         return losses
 
-    # ------------------------------------------------------------------ stages
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._collect_grad_norms(trainer)  # the previous step's
-
-    def _collect_grad_norms(self, trainer: pl.Trainer) -> None:
-        for key, value in trainer.callback_metrics.items():
-            if key.startswith(_GRAD_NORM_PREFIX):
-                self._grad_norms.setdefault(key.removeprefix(_GRAD_NORM_PREFIX), []).append(float(value))
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._collect_grad_norms(trainer)  # the last step's
-        if trainer.is_global_zero:
-            self.results = {"pre_ablation": self._losses(trainer, pl_module)}
-            self.results["train_seconds"] = round(time.perf_counter() - self._started, 1)
-
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        assert isinstance(pl_module, TinyStoriesLM)
-        dm: StoryDataModule = trainer.datamodule  # type: ignore[assignment]
-        assert dm.splits is not None
-        quick = bool(trainer.fast_dev_run)
-        started = time.perf_counter()
-        results = self.results
+    def ablate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         if self.method == "demix":
-            results["experts_removed"] = keep_retain_experts(pl_module)
+            return {"experts_removed": keep_retain_experts(pl_module)}
         if self.method == "param_routing":
-            assert self._routing is not None
-            results["units_zeroed"] = zero_dedicated_units(self._routing.router)
-        if self.method == "rmu":
-            assert self.rmu is not None
-            labelled = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if lab]
-            others = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if not lab]
-            if not labelled:
-                raise ValueError("UnlearningEvaluation(method='rmu'): no labelled forget stories (oversight 0?)")
-            rmu = copy.copy(self.rmu)
-            if quick:
-                rmu.steps = 1
-            results["rmu"] = rmu(
+            assert self.routing is not None
+            return {"units_zeroed": zero_dedicated_units(self.routing.router)}
+        if self.method != "rmu":
+            return {}
+        dm, rmu = self._dm, copy.copy(self.rmu)
+        assert dm is not None and dm.splits is not None and rmu is not None and isinstance(pl_module, TinyStoriesLM)
+        labelled = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if lab]
+        others = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if not lab]
+        if not labelled:
+            raise ValueError("UnlearningEvaluation(method='rmu'): no labelled forget stories (oversight 0?)")
+        if trainer.fast_dev_run:
+            rmu.steps = 1
+        return {
+            "rmu": rmu(
                 pl_module.model,
                 list(dm.batches(labelled, dm.hparams.batch_size, forget=True)),
                 list(dm.batches(others, dm.hparams.batch_size)),
             )
-        results["post_ablation"] = self._losses(trainer, pl_module)
-
-        steps = min(self.coherence_steps, 1) if quick else self.coherence_steps
-        if steps:
-            limit = dm.hparams.batch_size if quick else None
-            coherence = coherence_finetune_on_stories(
-                pl_module, dm, steps, self.coherence_lr, self.eval_batch_size, limit
-            )
-            results["coherence"] = coherence.to_dict()
-        results["final"] = self._losses(trainer, pl_module)
-
-        pool = dm.splits.attack_pool
-        size = min(self.attack_stories, len(self._stories(trainer, pool)))
-
-        def attack_batches(seed: int) -> list[dict[str, Tensor]]:
-            return list(dm.batches(random.Random(seed).sample(pool, size), self.attack_batch_size or size, forget=True))
-
-        by_lr = {}
-        for lr in self.attack_lrs:
-            attack = retraining_attack(
-                pl_module,
-                token_mean_loss,
-                attack_batches,
-                eval_fn=lambda m: self._losses(trainer, m, self.attack_metrics),
-                steps=1 if quick else self.attack_steps,
-                lr=lr,
-                seeds=range(1 if quick else self.attack_seeds),
-                eval_every=1 if quick else self.attack_eval_every,
-            )
-            by_lr[lr] = attack
-        best = min(self.attack_lrs, key=lambda lr: by_lr[lr].lowest_loss)
-        results["attack"] = {
-            "stories": size,
-            "lowest_forget": by_lr[best].lowest_loss,
-            "lowest_step": by_lr[best].lowest_step,
-            "lowest_lr": best,
-            "curves": by_lr[best].curves,
-            "eval_steps": by_lr[best].eval_steps,
-            "by_lr": {
-                str(lr): {"lowest_forget": a.lowest_loss, "lowest_step": a.lowest_step, "curves": a.curves}
-                for lr, a in by_lr.items()
-            },
         }
-        if self._grad_norms:
-            results["grad_norms"] = {k: sum(v) / len(v) for k, v in sorted(self._grad_norms.items())}
-        results.update(
-            method=self.method,
-            oversight=dm.settings.recall,  # the data module's own argument may be named otherwise (recall)
-            precision=dm.settings.precision,
-            data=dm.summary(),
-            model={k: pl_module.hparams[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
-            parameters=sum(p.numel() for p in pl_module.parameters()),
-            steps_trained=trainer.global_step,
-            evaluation_seconds=round(time.perf_counter() - started, 1),
-        )
-        self._write(trainer, results)
 
-    def _write(self, trainer: pl.Trainer, results: dict[str, Any]) -> None:
-        self._out_dir.mkdir(parents=True, exist_ok=True)
-        path = self._out_dir / self.results_file
-        path.write_text(json.dumps(results, indent=2))
-        summary = {k: results[k] for k in ("pre_ablation", "post_ablation", "final") if k in results}
-        rank_zero_info(
-            f"unlearning results ({self.method}): {path}\n{json.dumps(summary)}\n"
-            f"lowest forget loss under the retraining attack: {results['attack']['lowest_forget']:.4f}"
-        )
+    @override
+    def metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        dm = self._dm
+        assert dm is not None
+        return {
+            "method": self.method,
+            "oversight": dm.settings.recall,  # the data module's own argument may be named recall
+            "precision": dm.settings.precision,
+            "data": dm.summary(),
+            "model": {k: pl_module.hparams[k] for k in ("num_layers", "hidden_size", "num_heads", "intermediate_size")},
+        }

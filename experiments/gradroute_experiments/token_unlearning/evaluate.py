@@ -43,14 +43,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_gradroute.callback import GradientRoutingCallback
-from lightning_gradroute.evaluation import retraining_attack
-from gradroute_experiments.text.causal_lm import (
-    CausalLM,
-    CausalLMEvaluation,
-    coherence_finetune_on_stories,
-    token_mean_loss,
-    weighted_token_losses,
-)
+from lightning_gradroute.evaluation import coherence_finetune_on, retraining_attack
+from gradroute_experiments.text.causal_lm import CausalLM, CausalLMEvaluation, token_mean_loss, weighted_token_losses
 from gradroute_experiments.token_unlearning.ablation import ablate_neurons, ablated_weight_norm
 from lightning_gradroute.targets import Target, Units, resolve_modules
 
@@ -226,8 +220,8 @@ class TokenUnlearningEvaluation(CausalLMEvaluation):
         quick = bool(trainer.fast_dev_run)
         steps = min(self.coherence_steps, 1) if quick else self.coherence_steps
         if steps:
-            coherence = coherence_finetune_on_stories(
-                pl_module, dm, steps, self.coherence_lr, self.eval_batch_size, limit=4 if quick else None
+            coherence = coherence_finetune_on(
+                pl_module, dm, token_mean_loss, steps, self.coherence_lr, self.eval_batch_size, 4 if quick else None
             )
             results["coherence"] = coherence.to_dict()
         results["final"] = self._losses(trainer, pl_module)
