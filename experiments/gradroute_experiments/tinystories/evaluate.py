@@ -8,9 +8,9 @@ method          "ablate" step                          coherence        retraini
 =============== ===================================== ================ ==========================
 era             the routing callback contracts the     yes              yes
                 expanded units (its ``on_fit_end``)
-param_routing   zero the units only forget data may    yes              yes
-                change (parameter routing without an
-                expansion, SGTM-style; ``dedicated.py``)
+param_routing   the routing callback zeroes the units  yes              yes
+                only forget data may change (its
+                ``ablate="dedicated"``, SGTM-style)
 demix           keep the retain expert of every layer  yes              yes
 rmu             RMU on the trained (plain) model        no               yes
 data_filtering  none (labelled forget data was          no               yes
@@ -61,7 +61,6 @@ from gradroute_experiments.causal_lm import (
     weighted_token_losses,
 )
 from gradroute_experiments.tinystories.data import TinyStoriesDataModule
-from gradroute_experiments.tinystories.dedicated import zero_dedicated_units
 from gradroute_experiments.tinystories.demix import keep_retain_experts
 from gradroute_experiments.tinystories.model import TinyStoriesLM
 from gradroute_experiments.tinystories.rmu import RMU
@@ -199,10 +198,14 @@ class UnlearningEvaluation(pl.Callback):
                 "expansion) or 'param_routing'"
             )
         self._routing = trainer.callbacks[routing[0]] if routing else None  # type: ignore[assignment]
-        if self._routing is not None and bool(self._routing.expansions) != (self.method == "era"):
+        if self._routing is not None and (
+            bool(self._routing.expansions) != (self.method == "era")
+            or (self._routing.ablate == "dedicated") != (self.method == "param_routing")
+        ):
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}): 'era' needs the routing callback's expansions (it "
-                "contracts them), 'param_routing' routes without one (it zeroes the units only forget data trains)"
+                "contracts them), 'param_routing' routes without one and needs its ablate='dedicated' (it zeroes "
+                "the units only forget data trains)"
             )
         if (self.method == "token_filtering") != (pl_module.token_filter_threshold is not None):
             raise ValueError(
@@ -276,7 +279,7 @@ class UnlearningEvaluation(pl.Callback):
             results["experts_removed"] = keep_retain_experts(pl_module)
         if self.method == "param_routing":
             assert self._routing is not None
-            results["units_zeroed"] = zero_dedicated_units(self._routing.router)
+            results["units_zeroed"] = dict(self._routing.ablated_units)  # zeroed by its ablate="dedicated"
         if self.method == "rmu":
             assert self.rmu is not None
             labelled = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if lab]
