@@ -21,12 +21,9 @@ import torch
 from jsonargparse import CLI
 from safetensors.torch import save_file
 
-from lightning_gradroute.era import CHECKPOINT_KEY, EraState, Phase, ablate_state_dict, read_checkpoint
+from lightning_gradroute.era import CHECKPOINT_KEY, Ablation, EraState, Phase, ablate_state_dict, read_checkpoint
 
 __all__ = ["ablate_checkpoint", "main"]
-
-_PHASES = {"contract": Phase.CONTRACTED, "zero": Phase.ZEROED}
-
 
 def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract", "zero"] = "contract") -> Path:
     """Ablate the expanded units of a saved Lightning checkpoint.
@@ -39,8 +36,7 @@ def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract",
     Returns:
         The output path.
     """
-    if mode not in _PHASES:
-        raise ValueError(f"gradroute ablate: mode must be 'contract' or 'zero', got {mode!r}")
+    ablation = Ablation.parse(mode, "gradroute ablate", expansion=True)
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     saved = read_checkpoint(ckpt, f"gradroute ablate: {checkpoint}") if isinstance(ckpt, dict) else None
     if saved is None or "state_dict" not in ckpt:
@@ -49,7 +45,7 @@ def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract",
         )
     if saved.phase is not Phase.EXPANDED:
         raise ValueError(f"gradroute ablate: {checkpoint} is already ablated (phase {saved.phase.value!r})")
-    state = ablate_state_dict(ckpt["state_dict"], saved.record, mode)
+    state = ablate_state_dict(ckpt["state_dict"], saved.record, ablation)
     path = Path(output)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
@@ -59,7 +55,7 @@ def ablate_checkpoint(*, checkpoint: str, output: str, mode: Literal["contract",
     for key in ("optimizer_states", "lr_schedulers"):
         ckpt.pop(key, None)
     ckpt["state_dict"] = state
-    ckpt[CHECKPOINT_KEY] = EraState(saved.record, _PHASES[mode]).to_dict()
+    ckpt[CHECKPOINT_KEY] = EraState(saved.record, ablation.phase).to_dict()  # type: ignore[arg-type]
     torch.save(ckpt, path)
     return path
 

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_gradroute._compat import launched_by_multiprocessing, strategy_family, tensor_parallel_size
-from lightning_gradroute.era import (
-    EraState,
-    Phase,
-    ablate,
-    check_same_expansion,
-    era_state,
-    expansion_record,
-    read_checkpoint,
-    save_ablated,
-    write_checkpoint,
-)
-from lightning_gradroute.expansion import Expansion, expand
+from lightning_gradroute._compat import strategy_family, tensor_parallel_size
+from lightning_gradroute.era import Ablation, AblationMode, EraLifecycle, Phase, restore_checkpoint, write_checkpoint
+from lightning_gradroute.expansion import Expansion
 from lightning_gradroute.labels import BatchKey, LabelSource, label_counts
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
@@ -53,14 +41,16 @@ class GradientRoutingCallback(Callback):
       checkpoint restore, DDP wrapping, ``configure_optimizers``, ``torch.compile`` tracing and the sanity check.
     * ``on_train_batch_start``: reads the labels from the batch and holds them until ``on_train_batch_end``
       (after backward, so activation checkpointing's recomputation sees the same labels).
-    * ``on_fit_end`` (model unwrapped, after the last ``ModelCheckpoint`` save): ablates an expanded model.
+    * ``on_fit_end`` (model unwrapped, after the last ``ModelCheckpoint`` save): ablates an expanded model, or
+      (``ablate="dedicated"``) zeroes the units parameter routes dedicate to ``ablate_label``.
     * ``teardown("fit")``: removes the hooks; nothing leaks into a later ``validate`` / ``test``.
 
     Expand-Route-Ablate (ERA): with ``expansions``, ``setup("fit")`` first adds new units beside the model's
     own, and routes may use the units ``"expanded"`` / ``"original"``. At fit end ``"contract"`` removes them
     (the original architecture), ``"zero"`` zeroes them keeping the shapes; the ablated weights are then saved
     to ``<log_dir>/ablated/`` (``model.safetensors``, plus ``save_pretrained`` output for each HF model
-    inside). Checkpoints carry the ERA state (:mod:`lightning_gradroute.era`).
+    inside). Checkpoints carry the ERA state (:mod:`lightning_gradroute.era`, whose
+    :class:`~lightning_gradroute.era.EraLifecycle` runs these steps).
 
     Example::
 
@@ -98,9 +88,16 @@ class GradientRoutingCallback(Callback):
         label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch.
         remove_labels_from_batch: pop ``label_key`` out of a dict batch before ``training_step`` sees it.
         expansions: :class:`~lightning_gradroute.Expansion` s applied in ``setup("fit")``.
-        ablate: what ``on_fit_end`` does to an expanded model: ``"contract"`` (original shapes; required by
-            ``strategy="ddp_spawn"``, whose main process reloads rank 0's weights into the unexpanded model),
-            ``"zero"`` (keep shapes, zero the new units) or ``None`` (keep the trained expanded model).
+        ablate: what ``on_fit_end`` does: to an expanded model ``"contract"`` (original shapes; required by
+            ``strategy="ddp_spawn"``, whose main process reloads rank 0's weights into the unexpanded model) or
+            ``"zero"`` (keep shapes, zero the new units), nothing to a model without an expansion; ``"dedicated"``
+            (parameter routing without an expansion, SGTM's ablation) zeroes, on every rank, the units of each
+            routed parameter that only ``ablate_label`` may change (weight nonzero for it, zero for every other
+            label; :meth:`~lightning_gradroute.GradientRouter.dedicated_units`) and records them in
+            :attr:`ablated_units`; ``None`` keeps the trained model. ``"dedicated"`` needs parameter targets and no
+            expansion (with one, the new units are what to remove: ``"contract"``).
+        ablate_label: the label whose dedicated units ``ablate="dedicated"`` zeroes (required there, refused
+            with the other modes).
         save_ablated: save the ablated weights: ``True`` under ``trainer.log_dir`` (or ``default_root_dir``),
             a path for another directory, ``False`` not at all.
         allow_noop: accept routes that route nothing (none at all, a target without a route, all weights 1),
@@ -122,10 +119,11 @@ class GradientRoutingCallback(Callback):
         ValueError: in the constructor for malformed targets, routes, labels or expansions and route sets that
             route nothing; in ``setup`` for a pattern that matches no module (with the closest names), units out
             of range, ``"expanded"`` units on a module no expansion covers, a module an expansion preset does not
-            fit, label names that differ from the module's ``routing_labels``, or ``ablate`` other than
-            ``"contract"`` under ``ddp_spawn``; at checkpoint restore for a checkpoint of another routing config
-            (naming the fields that differ) or expansion; at the first batch for labels of the wrong shape, dtype
-            or range, and for a site that routed nothing.
+            fit, label names that differ from the module's ``routing_labels``, ``ablate`` other than
+            ``"contract"`` with an expansion under ``ddp_spawn``, or ``"dedicated"`` with no unit dedicated to
+            ``ablate_label`` or on an expanded model; at checkpoint restore for a checkpoint of another routing
+            config (naming the fields that differ) or expansion; at the first batch for labels of the wrong shape,
+            dtype or range, and for a site that routed nothing.
     """
 
     def __init__(
@@ -137,37 +135,43 @@ class GradientRoutingCallback(Callback):
         label_source: LabelSource | None = None,
         remove_labels_from_batch: bool = False,
         expansions: Sequence[Expansion] = (),
-        ablate: Literal["contract", "zero"] | None = "contract",
+        ablate: AblationMode | None = "contract",
+        ablate_label: str | None = None,
         save_ablated: bool | str = True,
         allow_noop: bool = False,
         check_coverage: bool = True,
         log_grad_norms: bool = False,
     ) -> None:
         self.router = GradientRouter(targets, routes, labels, allow_noop=allow_noop, telemetry=log_grad_norms)
-        if ablate not in ("contract", "zero", None):
-            raise ValueError(f"GradientRoutingCallback: ablate must be 'contract', 'zero' or None, got {ablate!r}")
-        for expansion in expansions:
-            if not isinstance(expansion, Expansion):
-                raise ValueError(f"GradientRoutingCallback: expansions must be Expansion objects, got {expansion!r}")
+        #: The ERA lifecycle: expansion, ablation, what was ablated (:class:`~lightning_gradroute.era.EraLifecycle`).
+        self.era = EraLifecycle(self.router, expansions, ablate, ablate_label, save_ablated)
         if label_source is not None and not callable(label_source):
             raise ValueError(f"GradientRoutingCallback: label_source {label_source!r} is not callable")
-        self.expansions = list(expansions)
-        self.ablate = ablate
-        self.save_ablated = save_ablated
         self.check_coverage = check_coverage
         self.label_source: LabelSource = label_source or BatchKey(label_key, remove=remove_labels_from_batch)
-        #: The ERA state of the module this callback set up (``None`` without an expansion).
-        self.era: EraState | None = None
-        self.ablated_dir: Path | None = None
         self.steps_routed = 0
         # Items (examples or tokens) seen per label; a tensor on the batch's device so counting never syncs.
         self._label_totals = torch.zeros(len(self.router.label_names), dtype=torch.float64)
         self._backward_seen = False
 
     @property
+    def expansions(self) -> list[Expansion]:
+        return self.era.expansions
+
+    @property
+    def ablate(self) -> Ablation | None:
+        return self.era.ablate
+
+    @property
     def phase(self) -> Phase | None:
         """The ERA phase of the module (``None`` if it was not expanded)."""
-        return self.era.phase if self.era is not None else None
+        return self.era.state.phase if self.era.state is not None else None
+
+    @property
+    def ablated_units(self) -> dict[str, int]:
+        """``{parameter name: units zeroed}`` by ``ablate="dedicated"`` at fit end (empty before, and in the main
+        process of ``ddp_spawn``, whose workers ran the fit)."""
+        return self.era.ablated_units
 
     @property
     def label_totals(self) -> list[float]:
@@ -201,13 +205,7 @@ class GradientRoutingCallback(Callback):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        saved = read_checkpoint(checkpoint)
-        if saved is not None and saved.phase is Phase.CONTRACTED:
-            raise ValueError(
-                "GradientRoutingCallback: the checkpoint holds already-ablated (contracted) weights, nothing to "
-                "resume; load them into the model and start a new fit without ckpt_path"
-            )
-        check_same_expansion(saved.record if saved else None, expansion_record(pl_module), "GradientRoutingCallback")
+        restore_checkpoint(checkpoint, pl_module, "GradientRoutingCallback", resume=True)
 
     # ---------------------------------------------------------------- lifecycle
     @override
@@ -221,29 +219,7 @@ class GradientRoutingCallback(Callback):
                 "losses would be mislabelled, declare the same names in the same order"
             )
         self._check_strategy(trainer)
-        if self.expansions and self.ablate != "contract" and launched_by_multiprocessing(trainer):
-            raise ValueError(
-                f"GradientRoutingCallback: ablate={self.ablate!r} keeps the expanded shapes, which a "
-                f"{type(trainer.strategy).__name__} launched by multiprocessing (ddp_spawn, ddp_fork) cannot "
-                "hand back to the main process's unexpanded model; use ablate='contract' or strategy='ddp'"
-            )
-        # Lightning calls configure_model only after Callback.setup: call it here (it must be idempotent) so
-        # that lazily built layers exist before the patterns are resolved. Under ModelParallelStrategy it shards
-        # the model, so new units must exist before it: expand first (the layers must then exist at __init__).
-        sharded = strategy_family(trainer.strategy) == "model_parallel"
-        if self.expansions and sharded:
-            expand(pl_module, self.expansions)
-        if is_overridden("configure_model", pl_module):
-            pl_module.configure_model()
-        if self.expansions and not sharded:
-            expand(pl_module, self.expansions)
-        record = expansion_record(pl_module)  # the callback's expansion, or the mixin's from configure_model
-        self.era = era_state(pl_module) if record is not None else None
-        if record is not None and self.ablate and self.save_ablated:
-            # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
-            root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir
-            self.ablated_dir = Path(root or trainer.default_root_dir) / "ablated"
-        self.router.attach(pl_module, record)
+        self.era.setup(trainer, pl_module)  # expands around configure_model, attaches the router
         where = f"{len(self.router.sites)} sites and {len(self.router.parameters)} parameters"
         rank_zero_info(f"gradient routing on {where}:\n{self.router.describe()}")
 
@@ -305,12 +281,7 @@ class GradientRoutingCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.ablate is None or expansion_record(pl_module) is None:
-            return
-        phase = ablate(pl_module, self.ablate)
-        if self.ablated_dir is not None:  # every rank: gathering a sharded model is a collective
-            save_ablated(pl_module, self.ablated_dir, hf=phase is Phase.CONTRACTED, write=trainer.is_global_zero)
-            rank_zero_info(f"ablated ({phase.value}) weights saved to {self.ablated_dir}")
+        self.era.fit_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -1,15 +1,20 @@
 """ERA state: what an expansion did, which phase a model is in, how checkpoints carry it, and ablation.
 
-This module owns the Expand-Route-Ablate state. The :class:`ExpansionRecord` (what :func:`~lightning_gradroute.expand`
-added, as plain data) and the :class:`Phase` live on the model, as :func:`era_state`. Checkpoints carry them
+This module owns the Expand-Route-Ablate state and lifecycle. The :class:`ExpansionRecord` (what
+:func:`~lightning_gradroute.expand` added, as plain data) and the :class:`Phase` live on the model, as :func:`era_state`. Checkpoints carry them
 under one key, in one schema, written by :func:`write_checkpoint` and read by :func:`read_checkpoint`::
 
     checkpoint["gradroute"] = {"version": 2, "phase": "expanded" | "zeroed" | "contracted", "expansion": {...}}
 
 Ablation ends ERA: :func:`contract` removes the new units (the original architecture, every original parameter
 the very tensor it was), :func:`zero_expanded` zeroes them and keeps the shapes, :func:`ablate_state_dict` does
-either to a saved state dict without building the model (``gradroute ablate``), :func:`save_ablated` writes the
-result as safetensors (and HF ``save_pretrained`` folders).
+either to a saved state dict without building the model (``gradroute ablate``), :func:`zero_units` zeroes the
+units a router dedicates to one label (``"dedicated"``: parameter routing without an expansion, SGTM's ablation),
+:func:`save_ablated` writes the result as safetensors (and HF ``save_pretrained`` folders). :class:`Ablation` lists
+the modes, :meth:`Ablation.parse` checks them.
+
+:class:`EraLifecycle` runs ERA in a ``fit`` (for the callback): expand at setup, ablate and save at fit end;
+:func:`restore_checkpoint` is the one rule of loading a checkpoint's ERA state (the callback's and the mixin's).
 """
 
 from __future__ import annotations
@@ -21,18 +26,29 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from lightning_gradroute._compat import launched_by_multiprocessing, local_slice, strategy_family
 from lightning_gradroute.new_units import remove_new_units
+
+if TYPE_CHECKING:
+    from lightning_gradroute.expansion import Expansion
+    from lightning_gradroute.router import GradientRouter
 
 __all__ = [
     "CHECKPOINT_KEY",
+    "Ablation",
+    "AblationMode",
+    "EraLifecycle",
     "EraState",
     "ExpansionRecord",
     "Phase",
@@ -43,11 +59,13 @@ __all__ = [
     "era_state",
     "expansion_record",
     "read_checkpoint",
+    "restore_checkpoint",
     "save_ablated",
     "set_era_state",
     "spec_hash",
     "write_checkpoint",
     "zero_expanded",
+    "zero_units",
 ]
 
 CHECKPOINT_KEY = "gradroute"
@@ -61,6 +79,39 @@ class Phase(str, Enum):
     EXPANDED = "expanded"
     ZEROED = "zeroed"
     CONTRACTED = "contracted"
+
+
+#: The ablation modes as a type for signatures (YAML strings); :class:`Ablation` is the same list as an enum.
+AblationMode = Literal["contract", "zero", "dedicated"]
+
+
+class Ablation(str, Enum):
+    """How ERA (or parameter routing) ends: ``contract`` removes an expansion's new units (the original
+    architecture), ``zero`` zeroes them keeping the shapes, ``dedicated`` zeroes the units a router lets only one
+    label change (parameter routing without an expansion, SGTM's ablation; see :func:`zero_units`)."""
+
+    CONTRACT = "contract"
+    ZERO = "zero"
+    DEDICATED = "dedicated"
+
+    @classmethod
+    def parse(cls, value: Any, who: str, expansion: bool = False) -> Ablation:
+        """``value`` (an :class:`Ablation` or its string) as an :class:`Ablation`; with ``expansion``, only the
+        modes that ablate an expansion (``contract``, ``zero``).
+
+        Raises:
+            ValueError: one line naming ``who`` and the valid values.
+        """
+        valid = [mode for mode in cls if mode.phase is not None or not expansion]
+        mode = cls._value2member_map_.get(value) if isinstance(value, str) else None
+        if mode not in valid:
+            raise ValueError(f"{who}: ablate mode must be one of {[v.value for v in valid]}, got {value!r}")
+        return mode  # type: ignore[return-value]
+
+    @property
+    def phase(self) -> Phase | None:
+        """The :class:`Phase` an expanded model is in after this ablation (``None`` for ``dedicated``)."""
+        return {Ablation.CONTRACT: Phase.CONTRACTED, Ablation.ZERO: Phase.ZEROED}.get(self)
 
 
 @dataclass
@@ -172,6 +223,36 @@ def check_same_expansion(saved: ExpansionRecord | None, current: ExpansionRecord
         )
 
 
+def restore_checkpoint(checkpoint: Mapping[str, Any], model: nn.Module, who: str, resume: bool = False) -> None:
+    """Before ``checkpoint``'s weights load into ``model``: bring the model to the checkpoint's ERA state, or check
+    that it is in it. The one rule for the mixin's and the callback's ``on_load_checkpoint``.
+
+    Loading (``resume=False``, the mixin): an unexpanded model gets the checkpoint's new units; an expanded one is
+    contracted for a contracted checkpoint. Resuming a fit (``resume=True``, the callback): a contracted
+    checkpoint has nothing left to resume. Either way the expansions must be the same.
+
+    Raises:
+        ValueError: expansions that differ (naming both), or a contracted checkpoint to resume.
+    """
+    saved = read_checkpoint(checkpoint)
+    current = expansion_record(model)
+    if saved is not None and saved.phase is Phase.CONTRACTED:
+        if resume:
+            raise ValueError(
+                f"{who}: the checkpoint holds already-ablated (contracted) weights, nothing to resume; load them "
+                "into the model and start a new fit without ckpt_path"
+            )
+        if current is not None:
+            check_same_expansion(saved.record, current, who)
+            contract(model)
+    elif saved is not None and current is None and not resume:
+        from lightning_gradroute.expansion import expand  # expansion imports this module
+
+        expand(model, saved.record.spec)
+    else:
+        check_same_expansion(saved.record if saved else None, current, who)
+
+
 # ------------------------------------------------------------------------------------------------- ablation
 def contract(model: nn.Module) -> nn.Module:
     """Remove every new unit of ``model`` (ERA's "ablate"), in place: the original architecture, with each
@@ -198,12 +279,29 @@ def zero_expanded(model: nn.Module) -> nn.Module:
     return model
 
 
-def ablate(model: nn.Module, mode: Literal["contract", "zero"]) -> Phase:
+def ablate(model: nn.Module, mode: Ablation | Literal["contract", "zero"]) -> Phase:
     """:func:`contract` or :func:`zero_expanded` ``model``; return the new phase."""
-    if mode not in ("contract", "zero"):
-        raise ValueError(f"ablate: mode must be 'contract' or 'zero', got {mode!r}")
-    (contract if mode == "contract" else zero_expanded)(model)
+    mode = Ablation.parse(mode, "ablate", expansion=True)
+    (contract if mode is Ablation.CONTRACT else zero_expanded)(model)
     return era_state(model).phase  # type: ignore[union-attr]
+
+
+@torch.no_grad()
+def zero_units(model: nn.Module, units: Mapping[str, tuple[int, Sequence[int]]]) -> dict[str, int]:
+    """Zero, in place, the ``units`` ``{parameter name: (dim, indices)}`` of ``model`` (what
+    :meth:`~lightning_gradroute.GradientRouter.dedicated_units` returns); return ``{name: units zeroed}``.
+
+    A sharded (FSDP2 ``DTensor``) parameter is zeroed on this rank's shard, the global indices cut to the ones it
+    holds: call this on every rank.
+    """
+    for name, (dim, index) in units.items():
+        param, wanted = model.get_parameter(name), torch.tensor(list(index), dtype=torch.long)
+        local = param.to_local() if isinstance(param, DTensor) else param
+        span = local_slice(param, dim)
+        if span is not None:
+            wanted = wanted[(wanted >= span[0]) & (wanted < span[1])] - span[0]
+        local.index_fill_(dim, wanted.to(local.device), 0.0)
+    return {name: len(index) for name, (_, index) in units.items()}
 
 
 def _expanded_state(model: nn.Module, what: str) -> EraState:
@@ -216,7 +314,7 @@ def _expanded_state(model: nn.Module, what: str) -> EraState:
 def ablate_state_dict(
     state_dict: Mapping[str, Tensor],
     record: ExpansionRecord,
-    mode: Literal["contract", "zero"] = "contract",
+    mode: Ablation | Literal["contract", "zero"] = "contract",
     prefix: str = "",
 ) -> dict[str, Tensor]:
     """A copy of an expanded ``state_dict`` with the new parameters removed (``"contract"``: the original
@@ -225,14 +323,13 @@ def ablate_state_dict(
     ``prefix`` is prepended to the record's parameter names (e.g. ``"model."``). Other tensors are passed
     through (not copied).
     """
-    if mode not in ("contract", "zero"):
-        raise ValueError(f"ablate_state_dict: mode must be 'contract' or 'zero', got {mode!r}")
+    mode = Ablation.parse(mode, "ablate_state_dict", expansion=True)
     out = dict(state_dict)
     for name in record.params:
         key = prefix + name
         if key not in out:
             raise ValueError(f"ablate_state_dict: the state dict has no {key!r}; was it saved from this expansion?")
-        if mode == "contract":
+        if mode is Ablation.CONTRACT:
             del out[key]
         else:
             out[key] = torch.zeros_like(out[key])
@@ -277,3 +374,120 @@ def _full_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
         return None
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+# ------------------------------------------------------------------------------------------------ lifecycle
+class EraLifecycle:
+    """The ERA lifecycle of one ``fit``, for :class:`~lightning_gradroute.GradientRoutingCallback`: every rule of
+    when to expand, which ablation fits which run, and what fit end does is written here.
+
+    * :meth:`setup` (``Callback.setup("fit")``): expand around the module's ``configure_model``, attach ``router``
+      to the result, and plan the ablation (``"dedicated"``: which units; where to save).
+    * :meth:`fit_end` (``on_fit_end``, the model unwrapped): ablate and save.
+    * Checkpoints: :func:`write_checkpoint` and :func:`restore_checkpoint` (``resume=True``).
+
+    Args:
+        router: the (not yet attached) router of the run; ``"dedicated"`` asks it which units to zero.
+        expansions: applied in :meth:`setup`.
+        ablate: an :class:`Ablation` (or its string), or ``None`` to keep the trained model.
+        ablate_label: for ``"dedicated"`` (and only for it): the label whose dedicated units are zeroed.
+        save_ablated: ``True`` under ``trainer.log_dir``, a directory path, or ``False``.
+        who: the name errors start with.
+
+    Attributes:
+        state: the module's :class:`EraState` after :meth:`setup` (``None`` without an expansion).
+        dedicated: ``{parameter name: (dim, units)}`` that ``"dedicated"`` will zero (set in :meth:`setup`).
+        ablated_units: ``{parameter name: units zeroed}`` after a ``"dedicated"`` ablation.
+        ablated_dir: where :meth:`fit_end` saves the ablated weights (``None``: nowhere).
+    """
+
+    def __init__(
+        self,
+        router: GradientRouter,
+        expansions: Sequence[Expansion],
+        ablate: Ablation | str | None,
+        ablate_label: str | None = None,
+        save_ablated: bool | str = True,
+        who: str = "GradientRoutingCallback",
+    ) -> None:
+        from lightning_gradroute.expansion import Expansion  # expansion imports this module
+
+        for expansion in expansions:
+            if not isinstance(expansion, Expansion):
+                raise ValueError(f"{who}: expansions must be Expansion objects, got {expansion!r}")
+        mode = None if ablate is None else Ablation.parse(ablate, who)
+        dedicated = mode is Ablation.DEDICATED
+        if dedicated and not router.parameter_targets:
+            raise ValueError(
+                f"{who}: ablate='dedicated' zeroes the units parameter routes dedicate to one label, but there is no "
+                "ParameterTarget; add parameter targets, or use ablate='contract' with an expansion"
+            )
+        if dedicated and ablate_label not in router.label_names:
+            raise ValueError(
+                f"{who}: ablate='dedicated' needs ablate_label, the label whose dedicated units are zeroed, one of "
+                f"{router.label_names}; got {ablate_label!r}"
+            )
+        if not dedicated and ablate_label is not None:
+            raise ValueError(f"{who}: ablate_label={ablate_label!r} is only used by ablate='dedicated', got {ablate!r}")
+        if dedicated and expansions:
+            raise ValueError(self._dedicated_with_expansion(who))
+        self.router, self.expansions, self.ablate, self.ablate_label = router, list(expansions), mode, ablate_label
+        self.save_ablated, self.who = save_ablated, who
+        self.state: EraState | None = None
+        self.dedicated: dict[str, tuple[int, list[int]]] = {}
+        self.ablated_units: dict[str, int] = {}
+        self.ablated_dir: Path | None = None
+
+    @staticmethod
+    def _dedicated_with_expansion(who: str) -> str:
+        return (
+            f"{who}: ablate='dedicated' is for parameter routing without an expansion; with an expansion the new "
+            "units are what the forget data trains: use ablate='contract' (or 'zero')"
+        )
+
+    def setup(self, trainer: pl.Trainer, module: pl.LightningModule) -> ExpansionRecord | None:
+        """Expand ``module`` (if asked), attach the router and plan the ablation; return the expansion record."""
+        from lightning_gradroute.expansion import expand  # expansion imports this module
+
+        if self.expansions and self.ablate is not Ablation.CONTRACT and launched_by_multiprocessing(trainer):
+            raise ValueError(
+                f"{self.who}: ablate={self.ablate and self.ablate.value!r} keeps the expanded shapes, which a "
+                f"{type(trainer.strategy).__name__} launched by multiprocessing (ddp_spawn, ddp_fork) cannot "
+                "hand back to the main process's unexpanded model; use ablate='contract' or strategy='ddp'"
+            )
+        # Lightning calls configure_model only after Callback.setup: call it here (it must be idempotent) so
+        # that lazily built layers exist before the patterns are resolved. Under ModelParallelStrategy it shards
+        # the model, so new units must exist before it: expand first (the layers must then exist at __init__).
+        sharded = strategy_family(trainer.strategy) == "model_parallel"
+        if self.expansions and sharded:
+            expand(module, self.expansions)
+        if is_overridden("configure_model", module):
+            module.configure_model()
+        if self.expansions and not sharded:
+            expand(module, self.expansions)
+        record = expansion_record(module)  # the callback's expansion, or the mixin's from configure_model
+        self.state = era_state(module) if record is not None else None
+        if record is not None and self.ablate is Ablation.DEDICATED:
+            raise ValueError(self._dedicated_with_expansion(self.who))
+        self.router.attach(module, record)
+        if self.ablate is Ablation.DEDICATED:
+            self.dedicated = self.router.dedicated_units(self.ablate_label)  # type: ignore[arg-type]
+        if self.ablate and self.save_ablated and (record is not None or self.dedicated):
+            # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
+            root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir
+            self.ablated_dir = Path(root or trainer.default_root_dir) / "ablated"
+        return record
+
+    def fit_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Ablate ``module`` as planned (on every rank) and save it; nothing without an ablation to do."""
+        if self.ablate is Ablation.DEDICATED:
+            self.ablated_units = zero_units(module, self.dedicated)
+            what, hf = f"{self.ablate_label!r}-dedicated units zeroed", True
+        elif self.ablate is not None and expansion_record(module) is not None:
+            phase = ablate(module, self.ablate)
+            what, hf = phase.value, phase is Phase.CONTRACTED
+        else:
+            return
+        if self.ablated_dir is not None:  # every rank: gathering a sharded model is a collective
+            save_ablated(module, self.ablated_dir, hf=hf, write=trainer.is_global_zero)
+            rank_zero_info(f"ablated ({what}) weights saved to {self.ablated_dir}")

@@ -9,14 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from lightning_gradroute.era import (
-    Phase,
-    check_same_expansion,
-    contract,
-    expansion_record,
-    read_checkpoint,
-    write_checkpoint,
-)
+from lightning_gradroute.era import restore_checkpoint, write_checkpoint
 from lightning_gradroute.expansion import Expansion, expand
 from lightning_gradroute.labels import check_labels, label_membership
 
@@ -82,18 +75,7 @@ class GradientRoutingMixin:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]
-        saved = read_checkpoint(checkpoint)
-        current = expansion_record(self)  # type: ignore[arg-type]  # from configure_model or the callback's setup
-        if saved is None:
-            check_same_expansion(None, current, type(self).__name__)
-        elif saved.phase is Phase.CONTRACTED:
-            if current is not None:
-                check_same_expansion(saved.record, current, type(self).__name__)
-                contract(self)  # type: ignore[arg-type]
-        elif current is None:
-            expand(self, saved.record.spec)  # type: ignore[arg-type]
-        else:
-            check_same_expansion(saved.record, current, type(self).__name__)
+        restore_checkpoint(checkpoint, self, type(self).__name__)  # type: ignore[arg-type]
 
     def routed_loss(
         self, item_losses: Tensor, labels: Tensor, valid: Tensor | None = None, stage: str | None = None

@@ -492,6 +492,33 @@ class GradientRouter:
             item.grad_sq = None
         return totals
 
+    def dedicated_units(self, label: str) -> dict[str, tuple[int, list[int]]]:
+        """``{parameter name: (dim, units)}``: the units of each routed parameter that only ``label`` may change
+        (weight nonzero for ``label``, zero for every other label); parameters without such units are left out.
+        Zeroing them (:func:`~lightning_gradroute.era.zero_units`) is SGTM's ablation for parameter routing.
+
+        Raises:
+            ValueError: an unknown label, a router that routes no parameter (not attached, or no
+                :class:`~lightning_gradroute.ParameterTarget`), or no unit dedicated to ``label``.
+        """
+        if label not in self.label_names:
+            raise ValueError(f"dedicated_units: unknown label {label!r}; labels are {self.label_names}")
+        if not self.parameters:
+            raise ValueError("dedicated_units: the router routes no parameter; attach it, with ParameterTargets")
+        index = self.label_names.index(label)
+        found = {}
+        for routed in self.parameters:
+            others = torch.cat([routed.table[:index], routed.table[index + 1 :]])
+            only = (routed.table[index] != 0) & (others == 0).all(0)
+            if bool(only.any()):
+                found[routed.name] = (routed.dim, only.nonzero().flatten().tolist())
+        if not found:
+            raise ValueError(
+                f"dedicated_units: no routed parameter has a unit that only {label!r} may change; route the other "
+                f"labels away from some units (weight 0) to dedicate them to {label!r}"
+            )
+        return found
+
     def config(self) -> dict[str, Any]:
         """The routing configuration as plain data (JSON types): labels, targets and routes."""
 

@@ -221,7 +221,7 @@ def test_keeping_expanded_shapes_under_ddp_spawn_is_refused_at_setup(tmp_path: P
 
 
 def test_constructor_rejects_bad_ablate_and_expansions() -> None:
-    with pytest.raises(ValueError, match="ablate must be 'contract', 'zero' or None"):
+    with pytest.raises(ValueError, match=r"ablate mode must be one of \['contract', 'zero', 'dedicated'\], got 'del"):
         era(ablate="delete")
     with pytest.raises(ValueError, match="expansions must be Expansion objects"):
         era(expansions=["transformer.h.*.mlp"])  # type: ignore[list-item]

@@ -240,7 +240,7 @@ def param_routing() -> GradientRoutingCallback:
         "down": ParameterTarget(f"{mlp}.c_proj.weight", dim=1),
     }
     routes = [Route(label, t, {units: 0.0}) for t in targets for label, units in (("forget", ":96"), ("retain", "96:"))]
-    return GradientRoutingCallback(targets, routes, save_ablated=False)
+    return GradientRoutingCallback(targets, routes, ablate="dedicated", ablate_label="forget", save_ablated=False)
 
 
 def fit_method(method: str, tmp_path: Path, **trainer_args: Any) -> tuple[dict[str, Any], TinyStoriesLM]:

@@ -15,10 +15,10 @@ import torch
 from helpers import trainer_kwargs
 
 from gradroute_experiments.datafiles import DATA_DIR
-from lightning_gradroute import GradientRouter, GradientRoutingCallback, ParameterTarget, Route, Target
+from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
 from gradroute_experiments.text.stories import label_noise, pack_stories, read_stories
 from lightning_gradroute.evaluation import recovery_steps
-from gradroute_experiments.tinystories.dedicated import dedicated_units, zero_dedicated_units
+from lightning_gradroute.era import zero_units
 from gradroute_experiments.tinystories.evaluate import UnlearningEvaluation
 from gradroute_experiments.tinystories.model import TinyStoriesLM
 from gradroute_experiments.two_language.data import FORGET_FILE, TwoLanguageDataModule, is_russian
@@ -151,7 +151,8 @@ def sgtm_routing(neurons: int = 16, check_coverage: bool = True) -> GradientRout
     routes += [Route("retain", t, {f"{split}:": 0.0}) for t in ("up", "up_bias", "down")]
     routes += [Route("forget", t, {f":{head}": 0.0}) for t in ("qkv", "out")]
     routes += [Route("retain", t, {f"{head}:": 0.0}) for t in ("qkv", "out")]
-    return GradientRoutingCallback(targets, routes, save_ablated=False, check_coverage=check_coverage)
+    return GradientRoutingCallback(targets, routes, ablate="dedicated", ablate_label="forget", save_ablated=False,
+                                   check_coverage=check_coverage)  # fmt: skip
 
 
 def test_zeroing_dedicated_units_silences_exactly_those_neurons_and_heads(dm: TwoLanguageDataModule) -> None:
@@ -159,12 +160,12 @@ def test_zeroing_dedicated_units_silences_exactly_those_neurons_and_heads(dm: Tw
     lm = TinyStoriesLM(**TINY_MODEL)
     router = sgtm_routing().router
     with router.attached(lm):
-        units = dedicated_units(router)
+        units = router.dedicated_units("forget")
         assert units["model.transformer.h.0.mlp.c_fc.weight"] == (0, list(range(48, 64)))
         assert units["model.transformer.h.1.attn.attention.v_proj.weight"] == (0, list(range(16, 32)))
         assert units["model.transformer.h.0.attn.attention.out_proj.weight"] == (1, list(range(16, 32)))
         before = {n: p.detach().clone() for n, p in lm.named_parameters()}
-        zeroed = zero_dedicated_units(router)
+        zeroed = zero_units(lm, units)
     assert zeroed["model.transformer.h.1.mlp.c_fc.bias"] == 16 and len(zeroed) == 2 * 7
     for name, param in lm.named_parameters():
         if name in units:
@@ -185,11 +186,6 @@ def test_zeroing_dedicated_units_silences_exactly_those_neurons_and_heads(dm: Tw
     assert not seen["act"][..., 48:].any() and seen["act"][..., :48].abs().sum() > 0
     out_proj = lm.model.transformer.h[0].attn.attention.out_proj
     torch.testing.assert_close(out_proj(seen["z"]), out_proj(seen["z"] * (torch.arange(32) < 16)))
-    with pytest.raises(ValueError, match="no routed parameter has a unit that only 'forget'"):
-        only_forget = GradientRouter({"up": ParameterTarget("model.transformer.h.*.mlp.c_fc.weight")},
-                                     [Route("forget", "up", {":8": 0.0})])  # fmt: skip
-        with only_forget.attached(lm):
-            dedicated_units(only_forget)
 
 
 def retain_mask(neurons: int = 16) -> RetainMask:
@@ -297,6 +293,7 @@ def test_evaluation_checks_the_method_against_the_setup(dm: TwoLanguageDataModul
             TinyStoriesLM(**TINY_MODEL),
             "'era' needs the routing callback's expansions",
         ),
+        ([era, UnlearningEvaluation("param_routing")], TinyStoriesLM(**TINY_MODEL), "needs its ablate='dedicated'"),
         ([UnlearningEvaluation("token_filtering")], TinyStoriesLM(**TINY_MODEL), "token_filter_threshold set"),
         ([UnlearningEvaluation("base")], TinyStoriesLM(**TINY_MODEL, token_filter_threshold=1.0), "threshold None"),
     ):

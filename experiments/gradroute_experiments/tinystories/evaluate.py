@@ -8,9 +8,9 @@ method          "ablate" step                          coherence        retraini
 =============== ===================================== ================ ==========================
 era             the routing callback contracts the     yes              yes
                 expanded units (its ``on_fit_end``)
-param_routing   zero the units only forget data may    yes              yes
-                change (parameter routing without an
-                expansion, SGTM-style; ``dedicated.py``)
+param_routing   the routing callback zeroes the units  yes              yes
+                only forget data may change (its
+                ``ablate="dedicated"``, SGTM-style)
 demix           keep the retain expert of every layer  yes              yes
 rmu             RMU on the trained (plain) model        no               yes
 data_filtering  none (labelled forget data was          no               yes
@@ -46,7 +46,6 @@ from typing_extensions import override
 from lightning_gradroute.evaluation import UnlearningEvaluation as CausalLMUnlearningEvaluation
 from gradroute_experiments.text.causal_lm import token_mean_loss, weighted_token_losses
 from gradroute_experiments.text.story_module import StoryDataModule
-from gradroute_experiments.tinystories.dedicated import zero_dedicated_units
 from gradroute_experiments.tinystories.demix import keep_retain_experts
 from gradroute_experiments.tinystories.model import TinyStoriesLM
 from gradroute_experiments.tinystories.rmu import RMU
@@ -151,10 +150,14 @@ class UnlearningEvaluation(CausalLMUnlearningEvaluation):
                 f"UnlearningEvaluation(method={self.method!r}): the trainer routes gradients; use 'era' (with an "
                 "expansion) or 'param_routing'"
             )
-        if self.routing is not None and bool(self.routing.expansions) != (self.method == "era"):
+        if self.routing is not None and (
+            bool(self.routing.expansions) != (self.method == "era")
+            or (self.routing.ablate == "dedicated") != (self.method == "param_routing")
+        ):
             raise ValueError(
                 f"UnlearningEvaluation(method={self.method!r}): 'era' needs the routing callback's expansions (it "
-                "contracts them), 'param_routing' routes without one (it zeroes the units only forget data trains)"
+                "contracts them), 'param_routing' routes without one and needs its ablate='dedicated' (it zeroes "
+                "the units only forget data trains)"
             )
         if (self.method == "token_filtering") != (pl_module.token_filter_threshold is not None):
             raise ValueError(
@@ -182,7 +185,7 @@ class UnlearningEvaluation(CausalLMUnlearningEvaluation):
             return {"experts_removed": keep_retain_experts(pl_module)}
         if self.method == "param_routing":
             assert self.routing is not None
-            return {"units_zeroed": zero_dedicated_units(self.routing.router)}
+            return {"units_zeroed": dict(self.routing.ablated_units)}  # zeroed by its ablate="dedicated"
         if self.method != "rmu":
             return {}
         dm, rmu = self._dm, copy.copy(self.rmu)
