@@ -7,9 +7,10 @@ chosen parts of the network.
 The top level holds the library's own concepts: where and what to route (:class:`Target` for activations,
 :class:`ParameterTarget` for parameters, :class:`Route`), forward masks (:class:`ForwardMask`, SGTM's retain
 mode), the Lightning callback and mixin, the framework-free router and primitive, the optimizers that keep routed
-parameters' state clean, label sources, and the Expand-Route-Ablate lifecycle. Text label builders are in :mod:`lightning_gradroute.text_labels`, evaluation in
-:mod:`lightning_gradroute.evaluation`, the steering hook that reads a routed dimension back (any model) in
-:mod:`lightning_gradroute.steering`, the paper's experiments in :mod:`gradroute_experiments`.
+parameters' state clean, label sources, and the Expand-Route-Ablate lifecycle. Text label builders are in
+:mod:`lightning_gradroute.text_labels`, evaluation in :mod:`lightning_gradroute.evaluation`, the steering hook
+that reads a routed dimension back (any model) in :mod:`lightning_gradroute.steering`, the paper's experiments
+in :mod:`gradroute_experiments`.
 """
 
 from lightning_gradroute.callback import GradientRoutingCallback

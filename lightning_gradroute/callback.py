@@ -129,8 +129,8 @@ class GradientRoutingCallback(Callback):
                 masks=[ForwardMask(label="retain_masked", target="mlp", units="expanded")]
 
     Raises:
-        ValueError: in the constructor for malformed targets, routes, labels or expansions and route sets that
-            route nothing; in ``setup`` for a pattern that matches no module (with the closest names), units out
+        ValueError: in the constructor for malformed targets, routes, masks, labels or expansions and route sets
+            that route nothing; in ``setup`` for a pattern that matches no module (with the closest names), units out
             of range, ``"expanded"`` units on a module no expansion covers, a module an expansion preset does not
             fit, label names that differ from the module's ``routing_labels``, or ``ablate`` other than
             ``"contract"`` under ``ddp_spawn``; at checkpoint restore for a checkpoint of another routing config

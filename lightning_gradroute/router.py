@@ -272,27 +272,24 @@ class RoutedSite:
         return None
 
 
-def _check_masks(masks: Sequence[ForwardMask], targets: Mapping[str, Any], labels: list[str]) -> None:
-    """Raise for a mask that is not a ForwardMask, names an unknown label or target, a parameter target, or
-    repeats a (label, target) pair."""
+def _check_specs(
+    specs: Sequence[Any], kind: type, targets: Mapping[str, Any], labels: list[str], verb: str, merge: str
+) -> None:
+    """Raise for a route or mask (``kind``) of another type, naming an unknown label or target, or repeating a
+    (label, target) pair (``merge`` says what to do instead)."""
     seen: dict[tuple[str, str], int] = {}
-    for i, mask in enumerate(masks):
-        if not isinstance(mask, ForwardMask):
-            raise ValueError(f"GradientRouter: masks must be ForwardMask objects, got {type(mask).__name__}")
-        if mask.label not in labels:
-            raise ValueError(f"{mask}: unknown label; labels are {labels}")
-        if mask.target not in targets:
-            raise ValueError(f"{mask}: unknown target; targets are {sorted(targets)}")
-        if not isinstance(targets[mask.target], Target):
-            raise ValueError(
-                f"{mask}: target {mask.target!r} is a {type(targets[mask.target]).__name__}, which has no forward "
-                "value to mask; point the mask at an activation Target (e.g. the MLP's activation module)"
-            )
-        key = (mask.label, mask.target)
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, kind):
+            raise ValueError(f"GradientRouter: {verb}s must be {kind.__name__} objects, got {type(spec).__name__}")
+        if spec.label not in labels:
+            raise ValueError(f"{spec}: unknown label; labels are {labels}")
+        if spec.target not in targets:
+            raise ValueError(f"{spec}: unknown target; targets are {sorted(targets)}")
+        key = (spec.label, spec.target)
         if key in seen:
             raise ValueError(
-                f"masks[{seen[key]}] and masks[{i}] both mask label {mask.label!r} at target {mask.target!r}; "
-                "merge their units into one ForwardMask (a list of indices)"
+                f"{verb}s[{seen[key]}] and {verb}s[{i}] both {verb} label {spec.label!r} at target {spec.target!r}; "
+                f"{merge}"
             )
         seen[key] = i
 
@@ -350,29 +347,22 @@ class GradientRouter:
         labels = list(labels)
         if not labels or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
             raise ValueError(f"GradientRouter: label names must be unique non-empty strings, got {labels!r}")
-        seen: dict[tuple[str, str], int] = {}
-        for i, route in enumerate(routes):
-            if not isinstance(route, Route):
-                raise ValueError(f"GradientRouter: routes must be Route objects, got {type(route).__name__}")
-            if route.label not in labels:
-                raise ValueError(f"Route {route.label!r} -> {route.target!r}: unknown label; labels are {labels}")
-            if route.target not in targets:
-                raise ValueError(
-                    f"Route {route.label!r} -> {route.target!r}: unknown target; targets are {sorted(targets)}"
-                )
-            key = (route.label, route.target)
-            if key in seen:
-                raise ValueError(
-                    f"routes[{seen[key]}] and routes[{i}] both route label {route.label!r} at target {route.target!r}"
-                    "; merge their weights into one Route (a mapping of units to weights)"
-                )
-            seen[key] = i
+        _check_specs(routes, Route, targets, labels, "route", "merge their weights into one Route (a mapping of "
+                     "units to weights)")  # fmt: skip
+        for route in routes:
             if route.is_identity and not allow_noop:
                 raise ValueError(
                     f"Route {route.label!r} -> {route.target!r}: every weight is 1, so it routes nothing; remove "
                     "it (or pass allow_noop=True for a control run)"
                 )
-        _check_masks(masks, targets, labels)
+        _check_specs(masks, ForwardMask, targets, labels, "mask", "merge their units into one ForwardMask (a list "
+                     "of indices)")  # fmt: skip
+        for mask in masks:
+            if not isinstance(targets[mask.target], Target):
+                raise ValueError(
+                    f"{mask}: target {mask.target!r} is a {type(targets[mask.target]).__name__}, which has no forward "
+                    "value to mask; point the mask at an activation Target (e.g. the MLP's activation module)"
+                )
         if not allow_noop:
             if not routes and not masks:
                 raise ValueError("GradientRouter: no routes, so nothing is routed (pass allow_noop=True for a control)")

@@ -316,6 +316,9 @@ class Route:
         else:
             _check_weight(self.weights, self)
 
+    def __str__(self) -> str:
+        return f"Route {self.label!r} -> {self.target!r}"
+
     def unit_weights(self) -> list[tuple[Units | None, float]]:
         """``(units, weight)`` pairs in application order; ``None`` units mean the target's own units."""
         if isinstance(self.weights, Mapping):

@@ -209,7 +209,7 @@ def _mask(units: Any, label: str = "retain", target: str = "enc") -> list[Forwar
          r"^ForwardMask 'retain' -> 'enc': target 'enc' is a ParameterTarget, which has no forward value"),
         (lambda: GradientRouter({"enc": Target("encoder")}, [], masks=_mask("8:") + _mask("0")),
          r"^masks\[0\] and masks\[1\] both mask label 'retain' at target 'enc'; merge their units"),
-        (lambda: GradientRouter({"enc": Target("encoder")}, [], masks=[Route("retain", "enc")]),  # type: ignore[list-item]
+        (lambda: GradientRouter({"enc": Target("encoder")}, [], masks=[Route("retain", "enc")]),  # type: ignore
          r"^GradientRouter: masks must be ForwardMask objects, got Route$"),
         (lambda: GradientRouter({"enc": Target("encoder"), "u": Target("head")}, [], masks=_mask("8:")),
          r"target 'u' has no route, so it routes nothing; add a Route \(or a ForwardMask\)"),
