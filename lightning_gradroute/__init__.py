@@ -5,11 +5,12 @@ gradient flowing back through chosen activations by a data-dependent weight, so 
 chosen parts of the network.
 
 The top level holds the library's own concepts: where and what to route (:class:`Target` for activations,
-:class:`ParameterTarget` for parameters, :class:`Route`), the Lightning callback and mixin, the framework-free
-router and primitive, the optimizers that keep routed parameters' state clean, label sources, and the
-Expand-Route-Ablate lifecycle. Text label builders are in :mod:`lightning_gradroute.text_labels`, evaluation in
-:mod:`lightning_gradroute.evaluation`, the steering hook that reads a routed dimension back (any model) in
-:mod:`lightning_gradroute.steering`, the paper's experiments in :mod:`gradroute_experiments`.
+:class:`ParameterTarget` for parameters, :class:`Route`), forward masks (:class:`ForwardMask`, SGTM's retain
+mode), the Lightning callback and mixin, the framework-free router and primitive, the optimizers that keep routed
+parameters' state clean, label sources, and the Expand-Route-Ablate lifecycle. Text label builders are in
+:mod:`lightning_gradroute.text_labels`, evaluation in :mod:`lightning_gradroute.evaluation`, the steering hook
+that reads a routed dimension back (any model) in :mod:`lightning_gradroute.steering`, the paper's experiments
+in :mod:`gradroute_experiments`.
 """
 
 from lightning_gradroute.callback import GradientRoutingCallback
@@ -29,12 +30,13 @@ from lightning_gradroute.labels import BatchKey, LabelSource
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.optim import RoutedAdamW, RoutedSGD
 from lightning_gradroute.router import GradientRouter
-from lightning_gradroute.targets import ParameterTarget, Route, Target
+from lightning_gradroute.targets import ForwardMask, ParameterTarget, Route, Target
 
 __all__ = [
     "BatchKey",
     "Expansion",
     "ExpansionRecord",
+    "ForwardMask",
     "GradientRouter",
     "GradientRoutingCallback",
     "GradientRoutingMixin",

@@ -17,7 +17,7 @@ from lightning_gradroute.expansion import Expansion
 from lightning_gradroute.labels import BatchKey, LabelSource, label_counts
 from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
-from lightning_gradroute.targets import ParameterTarget, Route, Target
+from lightning_gradroute.targets import ForwardMask, ParameterTarget, Route, Target
 
 __all__ = ["GradientRoutingCallback"]
 
@@ -25,10 +25,10 @@ __all__ = ["GradientRoutingCallback"]
 class GradientRoutingCallback(Callback):
     r"""Route the gradients of chosen activations by per-example or per-token labels during ``fit``.
 
-    The forward pass is untouched (bit for bit). In backward, the gradient flowing through each routed
-    activation is multiplied, per data item, by the weight its label's :class:`~lightning_gradroute.Route`
-    gives those units: 1 lets learning through, 0 stops it, a fraction damps it, a negative value reverses it.
-    Validation, test and predict run unrouted.
+    The forward pass is untouched (bit for bit), unless you ask for forward ``masks``. In backward, the gradient
+    flowing through each routed activation is multiplied, per data item, by the weight its label's
+    :class:`~lightning_gradroute.Route` gives those units: 1 lets learning through, 0 stops it, a fraction damps
+    it, a negative value reverses it. Validation, test and predict run unrouted (and unmasked).
 
     Every configuration routes exactly what it says or stops with a one-line error: patterns, units and route
     sets are checked in the constructor and in ``setup``, labels at every batch, and after the first routed
@@ -113,11 +113,21 @@ class GradientRoutingCallback(Callback):
             gradient per unit group (computed per label: the summed gradient may differ in float rounding);
             under DDP the ranks' shares land in the same entries, so there the logged value is the root sum of
             the ranks' squared norms over the world size: zero exactly where one process gives zero, but not
-            one process's value otherwise. Costs one small all-reduce per step under DDP.
+            one process's value otherwise. Costs one small all-reduce per step under DDP. A mask's units are a
+            unit group too: ``gradroute/grad_norm/mlp/retain/192:`` is 0 where retain items do not see them.
+        masks: :class:`~lightning_gradroute.ForwardMask` s (SGTM's retain mode): in training steps, items of a
+            mask's label see its units of an activation target as 0 (``x * mask``, so no gradient flows through
+            them either); every other item's value is bit for bit unmasked, and validation runs unmasked. A target
+            may carry routes, masks or both. Labels must then be integers. Coverage covers masks (every matched
+            masked site must be called in the first routed batch), ``describe()`` and the ``setup`` log list them,
+            and the state's config holds them (a resume with other masks is named). SGTM masks only a fraction of
+            its retain data (25%); to match it, give that fraction its own label and mask that label::
+
+                masks=[ForwardMask(label="retain_masked", target="mlp", units="expanded")]
 
     Raises:
-        ValueError: in the constructor for malformed targets, routes, labels or expansions and route sets that
-            route nothing; in ``setup`` for a pattern that matches no module (with the closest names), units out
+        ValueError: in the constructor for malformed targets, routes, masks, labels or expansions and route sets
+            that route nothing; in ``setup`` for a pattern that matches no module (with the closest names), units out
             of range, ``"expanded"`` units on a module no expansion covers, a module an expansion preset does not
             fit, label names that differ from the module's ``routing_labels``, ``ablate`` other than
             ``"contract"`` with an expansion under ``ddp_spawn``, or ``"dedicated"`` with no unit dedicated to
@@ -141,8 +151,11 @@ class GradientRoutingCallback(Callback):
         allow_noop: bool = False,
         check_coverage: bool = True,
         log_grad_norms: bool = False,
+        masks: Sequence[ForwardMask] = (),
     ) -> None:
-        self.router = GradientRouter(targets, routes, labels, allow_noop=allow_noop, telemetry=log_grad_norms)
+        self.router = GradientRouter(
+            targets, routes, labels, allow_noop=allow_noop, telemetry=log_grad_norms, masks=masks
+        )
         #: The ERA lifecycle: expansion, ablation, what was ablated (:class:`~lightning_gradroute.era.EraLifecycle`).
         self.era = EraLifecycle(self.router, expansions, ablate, ablate_label, save_ablated)
         if label_source is not None and not callable(label_source):

@@ -5,7 +5,8 @@ Two entry points share one idea:
 * :func:`route_gradient` takes any weight that broadcasts against ``x``.
 * :func:`route_gradient_by_label` takes per-example / per-token labels and a small ``(labels, features)``
   weight table. It saves only the labels and the table and rebuilds the mask in backward, so memory does not
-  grow with ``batch x seq x features``. This is what the router uses.
+  grow with ``batch x seq x features``. This is what the router uses. With a ``forward_mask`` table it also
+  multiplies the forward value by ``forward_mask[labels]`` (the router's forward masks, SGTM's retain mode).
 
 Both return ``x.detach()`` re-attached to the graph through the routing function: the same storage (no copy,
 bit-identical values for any weight and dtype), but not an autograd view, so an in-place op on the result (a
@@ -22,7 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["BackwardObserver", "label_mask", "route_gradient", "route_gradient_by_label", "table_rows"]
+__all__ = [
+    "BackwardObserver",
+    "label_mask",
+    "mask_forward",
+    "route_gradient",
+    "route_gradient_by_label",
+    "table_rows",
+]
 
 
 class _RouteGradient(torch.autograd.Function):
@@ -93,6 +101,12 @@ def table_rows(table: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
     return table.to(dtype)
 
 
+def mask_forward(x: Tensor, labels: Tensor, mask: Tensor, feature_dim: int) -> Tensor:
+    """``x * mask[labels]`` along ``feature_dim``: the forward value of a forward mask (integer labels; ``mask``
+    is a ``(num_labels, features)`` table of 0 and 1, so every kept value is ``x`` bit for bit)."""
+    return x * label_mask(labels, mask.to(x.dtype), feature_dim % x.dim(), x.dim())
+
+
 #: Called in backward with the routed gradient and the labels (coverage counters, gradient telemetry).
 BackwardObserver = Callable[[Tensor, Tensor], None]
 
@@ -100,15 +114,23 @@ BackwardObserver = Callable[[Tensor, Tensor], None]
 class _RouteGradientByLabel(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, labels: Tensor, table: Tensor, feature_dim: int, on_backward: BackwardObserver | None
+        ctx: Any,
+        x: Tensor,
+        labels: Tensor,
+        table: Tensor,
+        feature_dim: int,
+        on_backward: BackwardObserver | None,
+        forward_mask: Tensor | None,
     ) -> Tensor:
-        ctx.save_for_backward(labels, table)
+        ctx.save_for_backward(labels, table if forward_mask is None else table * forward_mask)
         ctx.feature_dim = feature_dim
         ctx.on_backward = on_backward
+        if forward_mask is not None:
+            return mask_forward(x, labels, forward_mask, feature_dim)
         return x.detach()  # shares x's storage; a view_as view would forbid in-place ops downstream
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         labels, table = ctx.saved_tensors
         mask = label_mask(labels, table_rows(table, labels, grad.dtype), ctx.feature_dim, grad.dim()).to(grad.dtype)
         # The mask is a fresh tensor: where it already has the gradient's shape (per-token labels), multiply into
@@ -116,7 +138,7 @@ class _RouteGradientByLabel(torch.autograd.Function):
         routed = mask.mul_(grad) if mask.shape == grad.shape else grad * mask
         if ctx.on_backward is not None:
             ctx.on_backward(routed, labels)
-        return routed, None, None, None, None
+        return routed, None, None, None, None, None
 
 
 def route_gradient_by_label(
@@ -125,6 +147,7 @@ def route_gradient_by_label(
     table: Tensor,
     feature_dim: int = -1,
     on_backward: BackwardObserver | None = None,
+    forward_mask: Tensor | None = None,
 ) -> Tensor:
     """Return ``x`` unchanged; in backward, multiply its gradient by ``table[labels]`` along ``feature_dim``.
 
@@ -137,6 +160,9 @@ def route_gradient_by_label(
         on_backward: called in backward as ``on_backward(routed_grad, labels)`` (the router counts with it that
             every site received a gradient, and measures per-label gradient norms when asked). It must not modify
             ``routed_grad``.
+        forward_mask: a ``(num_labels, features)`` table of 0 and 1 (integer labels only): the forward returns
+            ``x * forward_mask[labels]`` (:func:`mask_forward`) instead of ``x``, and backward multiplies by its
+            derivative too, ``table * forward_mask``.
 
     Only ``labels`` and ``table`` are saved for backward; the full mask exists only transiently there.
     """
@@ -151,4 +177,9 @@ def route_gradient_by_label(
             f"route_gradient_by_label: table of shape {tuple(table.shape)} does not fit {x.shape[feature_dim]} "
             f"features at dim {feature_dim} of x {tuple(x.shape)}"
         )
-    return _RouteGradientByLabel.apply(x, labels, table, feature_dim, on_backward)
+    if forward_mask is not None and (labels.is_floating_point() or forward_mask.shape != table.shape):
+        raise ValueError(
+            f"route_gradient_by_label: a forward_mask needs integer labels (got {labels.dtype}) and the table's "
+            f"shape {tuple(table.shape)} (got {tuple(forward_mask.shape)})"
+        )
+    return _RouteGradientByLabel.apply(x, labels, table, feature_dim, on_backward, forward_mask)

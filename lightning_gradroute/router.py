@@ -18,6 +18,10 @@ Labels are kept fixed from ``route()``'s entry to its exit, so backward-time rec
 checkpointing re-runs forward hooks) sees the same labels as the forward pass. Masks never live in module
 buffers (DDP would broadcast rank 0's), and routing is a tensor multiplication, never a branch on mask values.
 
+:class:`~lightning_gradroute.ForwardMask` s (SGTM's retain mode) ride the same hooks: while labels are held, a
+site with masks returns ``x * mask[labels]`` (0 on the masked units for the masked labels, 1 elsewhere), and its
+backward multiplies by the same mask times the route weights.
+
 A configuration either routes exactly what it says or raises: routes that cannot route anything fail in the
 constructor or at :meth:`~GradientRouter.attach`, and after the first routed batch
 :meth:`~GradientRouter.check_coverage` proves that every hooked site was called, routed and reached by a
@@ -37,11 +41,12 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradroute.era import ExpansionRecord
-from lightning_gradroute.grad import route_gradient_by_label
+from lightning_gradroute.grad import mask_forward, route_gradient_by_label
 from lightning_gradroute.labels import check_labels, label_membership
 from lightning_gradroute.param_routing import ParameterRoutingMode, RoutedParameter, resolve_routed_parameters
 from lightning_gradroute.targets import (
     SYMBOLIC_UNITS,
+    ForwardMask,
     ParameterTarget,
     Route,
     Target,
@@ -60,10 +65,12 @@ __all__ = ["GradientRouter", "RoutedSite"]
 
 
 class RoutedSite:
-    """One hooked tensor: a (module, site) pair of a target, with its per-label weight tables and counters.
+    """One hooked tensor: a (module, site) pair of a target, with its per-label weight and mask tables and
+    counters.
 
-    Counters (while labels are set): ``calls`` forwards that reached the hook, ``routed`` values that required
-    grad and were routed, ``backward`` gradients that flowed back through the routing function.
+    Counters (while labels are set): ``calls`` forwards that reached the hook (and so were masked, with masks),
+    ``routed`` values that required grad and were routed, ``backward`` gradients that flowed back through the
+    routing function.
     """
 
     def __init__(
@@ -74,17 +81,19 @@ class RoutedSite:
         module_name: str,
         routes: Sequence[Route],
         unit_groups: Mapping[str, Sequence[int]] | None,
+        masks: Sequence[ForwardMask] = (),
     ) -> None:
         self.router = router
         self.target_name = target_name
         self.target = target
         self.module_name = module_name
         self.routes = list(routes)
+        self.masks = list(masks)
         self.unit_groups = dict(unit_groups or {})
         self.calls = self.routed = self.backward = 0
         self.grad_sq: Tensor | None = None  # (labels, unit groups) squared gradient norms, with telemetry on
-        self._tables: dict[tuple[int, torch.device], Tensor] = {}
-        self._group_matrices: dict[tuple[int, torch.device], Tensor] = {}
+        # Per (kind, size, device): the route weights, the forward mask, the telemetry group membership.
+        self._cache: dict[tuple[str, int, torch.device], Tensor] = {}
 
     @property
     def where(self) -> str:
@@ -110,35 +119,69 @@ class RoutedSite:
         raise_route_problems(table, self.where, self.router.allow_noop, units)
         return table.weights
 
+    def build_mask(self, size: int) -> Tensor:
+        """The ``(num_labels, size)`` float32 forward mask: 0 on each mask's units (within the target's) for its
+        label, 1 elsewhere.
+
+        Raises:
+            ValueError: a mask whose units miss the target's units here, or that covers every feature here.
+        """
+        labels, units = self.router.label_names, self.target.units
+        table = route_table(labels, units, self._mask_routes, size, self.unit_groups, self.where)
+        for mask, empty in zip(self.masks, table.empty):
+            if empty:
+                raise ValueError(
+                    f"{mask}: units {empty[0]!r} do not intersect the target's units {units_label(units)!r} at "
+                    f"{self.where}; it masks nothing"
+                )
+            if not table.weights[labels.index(mask.label)].any():
+                raise ValueError(
+                    f"{mask}: units {units_label(mask.units)!r} are every one of the {size} features at {self.where}"
+                    ", so its whole value would be zero; name the units to hide"
+                )
+        return table.weights
+
+    @property
+    def _mask_routes(self) -> list[Route]:
+        return [mask.as_route() for mask in self.masks]
+
     def check_unit_groups(self) -> None:
         """Raise now if a symbolic unit group is used here that no expansion defined (sizes may be unknown)."""
         used = [self.target.units] + [units for route in self.routes for units, _ in route.unit_weights()]
-        for units in used:
+        for units in used + [mask.units for mask in self.masks]:
             if isinstance(units, str) and units in SYMBOLIC_UNITS and units not in self.unit_groups:
                 unit_indices(units, 0, self.unit_groups, self.where)  # raises the standard message
 
+    def _cached(self, kind: str, size: int, device: torch.device) -> Tensor:
+        key = (kind, size, device)
+        value = self._cache.get(key)
+        if value is None:
+            if kind == "groups":
+                routes = self.routes + self._mask_routes
+                value = telemetry_groups(self.target.units, routes, size, self.unit_groups, self.where)[1]
+            else:
+                value = self.build_table(size) if kind == "table" else self.build_mask(size)
+            value = self._cache[key] = value.to(device)
+        return value
+
     def table(self, size: int, device: torch.device) -> Tensor:
-        key = (size, device)
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = self.build_table(size).to(device)
-        return table
+        """The route weights of :meth:`build_table`, built once per size and device."""
+        return self._cached("table", size, device)
+
+    def mask(self, size: int, device: torch.device) -> Tensor | None:
+        """The forward mask of :meth:`build_mask` (built once per size and device), or None without masks."""
+        return self._cached("mask", size, device) if self.masks else None
 
     def group_names(self) -> list[str]:
-        """The unit groups gradient telemetry reports here: ``"all"`` and every selection a route names."""
+        """The unit groups gradient telemetry reports here: ``"all"`` and every selection a route or mask names."""
         names = ["all"]
-        for route in self.routes:
+        for route in self.routes + self._mask_routes:
             names += [units_label(u) for u, _ in route.unit_weights() if u is not None]
         return list(dict.fromkeys(names))
 
     def group_matrix(self, size: int, device: torch.device) -> Tensor:
         """``(size, groups)`` 0/1 float32 membership of every feature in each of :meth:`group_names`."""
-        key = (size, device)
-        matrix = self._group_matrices.get(key)
-        if matrix is None:
-            _, matrix = telemetry_groups(self.target.units, self.routes, size, self.unit_groups, self.where)
-            matrix = self._group_matrices[key] = matrix.to(device)
-        return matrix
+        return self._cached("groups", size, device)
 
     # ------------------------------------------------------------------------------------------ routing
     def route(self, x: Any) -> Any:
@@ -150,17 +193,20 @@ class RoutedSite:
                 f"{self.where}: the routed value is a {type(x).__name__}, not a tensor; point output_index at a "
                 "tensor (or target another module)"
             )
-        if not x.requires_grad:  # e.g. the no-grad first pass of reentrant checkpointing; check_coverage judges
-            return x
-        self.routed += 1
+        if not x.requires_grad and not self.masks:  # e.g. the no-grad first pass of reentrant checkpointing;
+            return x  # check_coverage judges
         feature_dim = self.target.feature_dim % x.dim() if x.dim() else 0
         if tuple(x.shape[: labels.dim()]) != tuple(labels.shape) or feature_dim < labels.dim():
             raise ValueError(
                 f"{self.where}: labels of shape {tuple(labels.shape)} do not match the activation of shape "
                 f"{tuple(x.shape)} (labels must equal its leading dims, before feature dim {feature_dim})"
             )
+        mask = self.mask(x.shape[feature_dim], x.device)
+        if not x.requires_grad:  # masked in any grad mode, so that a recomputation sees the same values
+            return mask_forward(x, labels, mask, feature_dim)  # type: ignore[arg-type]
+        self.routed += 1
         table = self.table(x.shape[feature_dim], x.device)
-        return route_gradient_by_label(x, labels, table, feature_dim, on_backward=self._on_backward)
+        return route_gradient_by_label(x, labels, table, feature_dim, self._on_backward, forward_mask=mask)
 
     def _on_backward(self, routed_grad: Tensor, labels: Tensor) -> None:
         self.backward += 1
@@ -212,7 +258,10 @@ class RoutedSite:
             return (
                 f"{self.where} was never called while routing (a container, a module the step does not use, or a "
                 "torch.compile graph reused from a hook-less instance: see the README on torch.compile)"
+                + (", so its forward masks masked nothing" if self.masks else "")
             )
+        if self.masks and not self.routes:  # a mask-only site: called is masked, in any grad mode
+            return None
         if self.routed == 0:
             return (
                 f"{self.where} was called but its value never required grad (input data, frozen layers upstream, "
@@ -221,6 +270,28 @@ class RoutedSite:
         if self.backward == 0:
             return f"{self.where} received no gradient in backward (its value does not reach the loss)"
         return None
+
+
+def _check_specs(
+    specs: Sequence[Any], kind: type, targets: Mapping[str, Any], labels: list[str], verb: str, merge: str
+) -> None:
+    """Raise for a route or mask (``kind``) of another type, naming an unknown label or target, or repeating a
+    (label, target) pair (``merge`` says what to do instead)."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, kind):
+            raise ValueError(f"GradientRouter: {verb}s must be {kind.__name__} objects, got {type(spec).__name__}")
+        if spec.label not in labels:
+            raise ValueError(f"{spec}: unknown label; labels are {labels}")
+        if spec.target not in targets:
+            raise ValueError(f"{spec}: unknown target; targets are {sorted(targets)}")
+        key = (spec.label, spec.target)
+        if key in seen:
+            raise ValueError(
+                f"{verb}s[{seen[key]}] and {verb}s[{i}] both {verb} label {spec.label!r} at target {spec.target!r}; "
+                f"{merge}"
+            )
+        seen[key] = i
 
 
 def _alias_parameter(
@@ -245,11 +316,16 @@ class GradientRouter:
             curve shows.
         telemetry: measure, in backward, the squared norm of the routed gradient reaching each unit group per
             label (see :meth:`pop_grad_norms`). Parameter targets then compute their gradient per label and sum
-            it (as with a routed optimizer's ``split_moments``): the same gradient, up to float rounding.
+            it (as with a routed optimizer's ``split_moments``): the same gradient, up to float rounding. A
+            mask's units are a group too, so its label's norm there shows 0.
+        masks: :class:`~lightning_gradroute.ForwardMask` s: while labels are held, zero chosen units of an
+            activation target in the forward pass for items of a label (SGTM's retain mode); at most one per
+            (label, target). A target may carry routes, masks or both; with masks, labels must be integers.
 
     Raises:
-        ValueError: empty targets, duplicate label names, a route naming an unknown label or target, two
-            routes for the same label and target, and (without ``allow_noop``) route sets that route nothing.
+        ValueError: empty targets, duplicate label names, a route or mask naming an unknown label or target, a
+            mask on a parameter target, two routes (or masks) for the same label and target, and (without
+            ``allow_noop``) route sets that route nothing.
     """
 
     def __init__(
@@ -259,6 +335,7 @@ class GradientRouter:
         labels: Sequence[str] = ("retain", "forget"),
         allow_noop: bool = False,
         telemetry: bool = False,
+        masks: Sequence[ForwardMask] = (),
     ) -> None:
         if not targets:
             raise ValueError("GradientRouter: no targets given")
@@ -270,39 +347,34 @@ class GradientRouter:
         labels = list(labels)
         if not labels or len(set(labels)) != len(labels) or not all(isinstance(x, str) and x for x in labels):
             raise ValueError(f"GradientRouter: label names must be unique non-empty strings, got {labels!r}")
-        seen: dict[tuple[str, str], int] = {}
-        for i, route in enumerate(routes):
-            if not isinstance(route, Route):
-                raise ValueError(f"GradientRouter: routes must be Route objects, got {type(route).__name__}")
-            if route.label not in labels:
-                raise ValueError(f"Route {route.label!r} -> {route.target!r}: unknown label; labels are {labels}")
-            if route.target not in targets:
-                raise ValueError(
-                    f"Route {route.label!r} -> {route.target!r}: unknown target; targets are {sorted(targets)}"
-                )
-            key = (route.label, route.target)
-            if key in seen:
-                raise ValueError(
-                    f"routes[{seen[key]}] and routes[{i}] both route label {route.label!r} at target {route.target!r}"
-                    "; merge their weights into one Route (a mapping of units to weights)"
-                )
-            seen[key] = i
+        _check_specs(routes, Route, targets, labels, "route", "merge their weights into one Route (a mapping of "
+                     "units to weights)")  # fmt: skip
+        for route in routes:
             if route.is_identity and not allow_noop:
                 raise ValueError(
                     f"Route {route.label!r} -> {route.target!r}: every weight is 1, so it routes nothing; remove "
                     "it (or pass allow_noop=True for a control run)"
                 )
+        _check_specs(masks, ForwardMask, targets, labels, "mask", "merge their units into one ForwardMask (a list "
+                     "of indices)")  # fmt: skip
+        for mask in masks:
+            if not isinstance(targets[mask.target], Target):
+                raise ValueError(
+                    f"{mask}: target {mask.target!r} is a {type(targets[mask.target]).__name__}, which has no forward "
+                    "value to mask; point the mask at an activation Target (e.g. the MLP's activation module)"
+                )
         if not allow_noop:
-            if not routes:
+            if not routes and not masks:
                 raise ValueError("GradientRouter: no routes, so nothing is routed (pass allow_noop=True for a control)")
-            unused = sorted(set(targets) - {r.target for r in routes})
+            unused = sorted(set(targets) - {r.target for r in routes} - {m.target for m in masks})
             if unused:
                 raise ValueError(
-                    f"GradientRouter: target {unused[0]!r} has no route, so it routes nothing; add a Route for it "
-                    "or remove it"
+                    f"GradientRouter: target {unused[0]!r} has no route, so it routes nothing; add a Route (or a "
+                    "ForwardMask) for it or remove it"
                 )
         self.targets = dict(targets)
         self.routes = list(routes)
+        self.masks = list(masks)
         self.label_names = labels
         self.allow_noop = allow_noop
         self.telemetry = telemetry
@@ -363,11 +435,14 @@ class GradientRouter:
                         f"never called; target the modules inside it (e.g. '{module_name}.*')"
                     )
                 site_groups = groups.get((module_name, target.site))
-                site = RoutedSite(self, target_name, target, module_name, routes, site_groups)
+                masks = [m for m in self.masks if m.target == target_name]
+                site = RoutedSite(self, target_name, target, module_name, routes, site_groups, masks)
                 site.check_unit_groups()
                 size = site.known_size or feature_size_hint(module, target.site, target.feature_dim)
                 if size is not None:  # fail now, not at step 1, on out-of-range units or routes routing nothing
-                    site.table(size, next(module.parameters(), torch.empty(0)).device)
+                    device = next(module.parameters(), torch.empty(0)).device
+                    site.table(size, device)
+                    site.mask(size, device)
                 sites.append((site, module))
         twice = [p.name for i, p in enumerate(parameters) if any(q.param is p.param for q in parameters[:i])]
         if twice:
@@ -424,7 +499,13 @@ class GradientRouter:
         # The first batch after attach is checked in full (clear errors); later ones on accelerators with a
         # device-side assertion, so that no step waits for the device.
         full = None if self._labels_checked else True
-        self._labels = check_labels(labels, self.label_names, full=full)
+        checked = check_labels(labels, self.label_names, full=full)
+        if self.masks and checked.is_floating_point():
+            raise ValueError(
+                f"GradientRouter: forward masks ({self.masks[0]}...) need integer labels, got {checked.dtype}: a soft "
+                "label would scale the units rather than hide them; give hard labels (threshold them in a LabelSource)"
+            )
+        self._labels = checked
         self._labels_checked = True
         if self._mode is not None and not self._mode_entered:
             self._mode.__enter__()
@@ -520,7 +601,8 @@ class GradientRouter:
         return found
 
     def config(self) -> dict[str, Any]:
-        """The routing configuration as plain data (JSON types): labels, targets and routes."""
+        """The routing configuration as plain data (JSON types): labels, targets, routes and (when there are any,
+        so configs from before masks existed compare equal) masks."""
 
         def plain(value: Any) -> Any:
             if isinstance(value, Mapping):
@@ -529,18 +611,24 @@ class GradientRouter:
                 return [plain(v) for v in value]
             return value
 
-        return {
+        config = {
             "labels": list(self.label_names),
             "targets": {name: plain(dataclasses.asdict(t)) for name, t in self.targets.items()},
             "routes": [plain(dataclasses.asdict(r)) for r in self.routes],
         }
+        if self.masks:
+            config["masks"] = [plain(dataclasses.asdict(m)) for m in self.masks]
+        return config
 
     def describe(self) -> str:
-        """One line per hooked site: which module, which units get which weight per label."""
+        """One line per hooked site: which module, which units get which weight per label, which units each
+        masked label does not see."""
         lines = []
         for site in self.sites:
             per_label = {r.label: r.weights for r in site.routes}
-            lines.append(f"{site.target_name}: {site.module_name} [{site.target.site}] {per_label or 'no routes'}")
+            masked = {m.label: units_label(m.units) for m in site.masks}
+            line = f"{site.target_name}: {site.module_name} [{site.target.site}] {per_label or 'no routes'}"
+            lines.append(line + (f", forward masks (zeroed units) {masked}" if masked else ""))
         for routed in self.parameters:
             per_label = {r.label: r.weights for r in self.routes if r.target == routed.target_name}
             where = f"{routed.name} [parameter, dim {routed.dim}]"

@@ -3,7 +3,8 @@
 A :class:`Target` names a set of modules (a dotted-path glob over ``named_modules()``, or a regex with the
 ``re:`` prefix, matched with ``fullmatch``), the hook site (``output`` or ``input``) and the feature dim. A
 :class:`Route` says: for data with this label, at this target, multiply the gradient of these units by these
-weights.
+weights. A :class:`ForwardMask` says: for data with this label, at this target, zero these units in the forward
+pass (SGTM's retain mode).
 
 Module patterns have path semantics: a name is a list of dotted segments, ``*`` and ``?`` match within one
 segment, ``[0-4]`` is a character class, and a segment that is exactly ``**`` matches any number of whole
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "ForwardMask",
     "ParameterTarget",
     "Route",
     "Target",
@@ -314,6 +316,9 @@ class Route:
         else:
             _check_weight(self.weights, self)
 
+    def __str__(self) -> str:
+        return f"Route {self.label!r} -> {self.target!r}"
+
     def unit_weights(self) -> list[tuple[Units | None, float]]:
         """``(units, weight)`` pairs in application order; ``None`` units mean the target's own units."""
         if isinstance(self.weights, Mapping):
@@ -324,6 +329,59 @@ class Route:
     def is_identity(self) -> bool:
         """Every weight is 1: the route leaves every gradient as it is."""
         return all(w == 1.0 for _, w in self.unit_weights())
+
+
+@dataclass(frozen=True)
+class ForwardMask:
+    """For data with ``label``, at ``target``, multiply ``units`` by 0 in the forward pass (in training steps).
+
+    Routes never change a forward value; a mask does: items of ``label`` do not see the units at all (their value
+    there is ``x * 0``, so no gradient flows through them either), while every other item's value is bit for bit
+    what it would be without the mask. This is SGTM's "retain mode" (Shilov et al. 2025): retain data never learns
+    to rely on the units dedicated to forget data, so removing them afterwards costs it nothing it trained with.
+    SGTM runs retain mode on only a fraction of its retain data (``retain_retain_perc``: 25% in its TinyStories
+    configs) and trains the rest, and unlabelled data, unmasked; to do the same, give that fraction its own label
+    (``labels=["retain", "forget", "retain_masked"]``) and mask only that one.
+
+    Masks apply exactly when routes do: while the router holds labels (a training step, from
+    ``on_train_batch_start`` to ``on_train_batch_end``, its backward and any recomputation included, in any grad
+    mode); validation, test, predict and anything after ``fit`` run unmasked. Labels must be integers: a soft
+    label is refused, since it would scale activations rather than hide them.
+
+    Args:
+        label: one of the label names declared on the router / callback.
+        target: a key of the router's ``targets`` mapping naming an activation :class:`Target` (a parameter target
+            has no forward value to mask). The target may also carry routes, or only masks.
+        units: the units to zero, within the target's units, in the language of :class:`Target` (a slice
+            ``"192:"``, a list, ``"expanded"`` / ``"original"`` of an expansion). ``"all"``, and a selection that
+            comes out as every feature of a site, are refused: zeroing a site's whole value cuts every path through
+            it, which is a too-wide selection, not a retain mode.
+
+    Example: retain tokens do not see the 64 forget neurons an ERA expansion added::
+
+        ForwardMask(label="retain", target="mlp", units="expanded")
+    """
+
+    label: str
+    target: str
+    units: Units
+
+    def __post_init__(self) -> None:
+        _check_units(self.units, str(self))
+        if self.units == "all":
+            raise ValueError(
+                f"{self}: units 'all' would zero the whole value for {self.label!r} items, cutting every path "
+                "through the site; name the units to hide (a slice like '192:', or 'expanded')"
+            )
+        if not isinstance(self.units, str) and not _is_int(self.units):
+            object.__setattr__(self, "units", tuple(self.units))  # type: ignore[arg-type]
+
+    def __str__(self) -> str:
+        return f"ForwardMask {self.label!r} -> {self.target!r}"
+
+    def as_route(self) -> Route:
+        """The route whose weight table is this mask's (0 on the units for the label), to build tables with."""
+        return Route(self.label, self.target, {units_label(self.units): 0.0})
 
 
 def _check_weight(w: object, route: Route) -> None:

@@ -15,14 +15,13 @@ import torch
 from helpers import trainer_kwargs
 
 from gradroute_experiments.datafiles import DATA_DIR
-from lightning_gradroute import GradientRoutingCallback, ParameterTarget, Route, Target
+from lightning_gradroute import ForwardMask, GradientRoutingCallback, ParameterTarget, Route, Target
 from gradroute_experiments.text.stories import label_noise, pack_stories, read_stories
 from lightning_gradroute.evaluation import recovery_steps
 from lightning_gradroute.era import zero_units
 from gradroute_experiments.tinystories.evaluate import UnlearningEvaluation
 from gradroute_experiments.tinystories.model import TinyStoriesLM
 from gradroute_experiments.two_language.data import FORGET_FILE, TwoLanguageDataModule, is_russian
-from gradroute_experiments.two_language.retain_mask import RetainMask
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGLISH = DATA_DIR / "tinystories" / "tinystories_valid_sample.txt"
@@ -136,8 +135,9 @@ def test_token_filtering_takes_labelled_tokens_out_of_the_loss(dm: TwoLanguageDa
         TinyStoriesLM(**TINY_MODEL, token_filter_threshold=0.0)
 
 
-def sgtm_routing(neurons: int = 16, check_coverage: bool = True) -> GradientRoutingCallback:
-    """Forget tokens may change only the last ``neurons`` MLP neurons and the last head of the tiny model."""
+def sgtm_routing(neurons: int = 16, check_coverage: bool = True, masked: bool = False) -> GradientRoutingCallback:
+    """Forget tokens may change only the last ``neurons`` MLP neurons and the last head of the tiny model; with
+    ``masked``, retain tokens do not see them in training (SGTM's retain mode, as in the recipes)."""
     mlp, attn = "model.transformer.h.*.mlp", "model.transformer.h.*.attn.attention"
     split, head = 64 - neurons, 16
     targets = {
@@ -151,8 +151,13 @@ def sgtm_routing(neurons: int = 16, check_coverage: bool = True) -> GradientRout
     routes += [Route("retain", t, {f"{split}:": 0.0}) for t in ("up", "up_bias", "down")]
     routes += [Route("forget", t, {f":{head}": 0.0}) for t in ("qkv", "out")]
     routes += [Route("retain", t, {f"{head}:": 0.0}) for t in ("qkv", "out")]
+    masks = []
+    if masked:
+        targets["mlp"] = Target(f"{mlp}.act")
+        targets["heads"] = Target(f"{attn}.out_proj", site="input")
+        masks = [ForwardMask("retain", "mlp", f"{split}:"), ForwardMask("retain", "heads", f"{head}:")]
     return GradientRoutingCallback(targets, routes, ablate="dedicated", ablate_label="forget", save_ablated=False,
-                                   check_coverage=check_coverage)  # fmt: skip
+                                   check_coverage=check_coverage, masks=masks)  # fmt: skip
 
 
 def test_zeroing_dedicated_units_silences_exactly_those_neurons_and_heads(dm: TwoLanguageDataModule) -> None:
@@ -188,12 +193,9 @@ def test_zeroing_dedicated_units_silences_exactly_those_neurons_and_heads(dm: Tw
     torch.testing.assert_close(out_proj(seen["z"]), out_proj(seen["z"] * (torch.arange(32) < 16)))
 
 
-def retain_mask(neurons: int = 16) -> RetainMask:
-    return RetainMask([Target("model.transformer.h.*.mlp.act", units=f"{64 - neurons}:"),
-                       Target("model.transformer.h.*.attn.attention.out_proj", site="input", units="16:")])  # fmt: skip
-
-
-def test_retain_mask_hides_the_units_from_retain_tokens_in_training_steps_only(dm: TwoLanguageDataModule) -> None:
+def test_the_recipes_masks_hide_the_units_from_retain_tokens_at_the_models_sites(dm: TwoLanguageDataModule) -> None:
+    """The SGTM recipes' forward masks on the real sites (GELU output, ``out_proj`` input): retain tokens see the
+    dedicated units as 0, forget tokens see them (the mechanics are in tests/test_forward_mask.py)."""
     torch.manual_seed(0)
     lm = TinyStoriesLM(**TINY_MODEL)
     batch = next(iter(dm.train_dataloader()))
@@ -201,43 +203,15 @@ def test_retain_mask_hides_the_units_from_retain_tokens_in_training_steps_only(d
     assert retain.any() and (~retain).any()
     seen: dict[str, torch.Tensor] = {}
     block = lm.model.transformer.h[1]
-    mask = retain_mask()
-    mask.on_fit_start(None, lm)  # type: ignore[arg-type]  # hooks go on before the probes below: they see the result
-    block.mlp.act.register_forward_hook(lambda m, a, out: seen.update(act=out))
-    block.attn.attention.out_proj.register_forward_pre_hook(lambda m, a: seen.update(heads=a[0]))
-    mask.on_train_batch_start(None, lm, batch, 0)  # type: ignore[arg-type]
-    lm.train()
-    lm(batch["input_ids"][:, :-1])
+    router = sgtm_routing(masked=True).router
+    with router.attached(lm):  # the probes go on after the router's hooks: they see the masked values
+        block.mlp.act.register_forward_hook(lambda m, a, out: seen.update(act=out))
+        block.attn.attention.out_proj.register_forward_pre_hook(lambda m, a: seen.update(heads=a[0]))
+        with router.route(batch["route_labels"]):
+            lm(batch["input_ids"][:, :-1]).logsumexp(-1).mean().backward()
     act, heads = seen["act"], seen["heads"]
-    assert not act[retain][:, 48:].any() and act[retain][:, :48].abs().sum() > 0
-    assert act[~retain][:, 48:].abs().sum() > 0 and not heads[retain][:, 16:].any() and heads[~retain][:, 16:].any()
-    lm.eval()  # evaluation (and validation) sees every unit
-    lm(batch["input_ids"][:, :-1])
-    assert seen["act"][retain][:, 48:].abs().sum() > 0
-    mask.on_train_batch_end(None, lm, None, batch, 0)  # type: ignore[arg-type]
-    lm.train()
-    lm(batch["input_ids"][:, :-1])  # no labels held: nothing masked
-    assert seen["act"][retain][:, 48:].abs().sum() > 0
-    mask.on_train_batch_start(None, lm, {"route_labels": batch["route_labels"].float()}, 0)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="integer labels"):
-        lm(batch["input_ids"][:, :-1])
-    mask.on_train_end(None, lm)  # type: ignore[arg-type]
-    lm(batch["input_ids"][:, :-1])  # hooks removed
-    with pytest.raises(ValueError, match="naming some units"):
-        RetainMask([Target("model.transformer.h.*.mlp.act")])
-
-
-def test_retain_mask_raises_after_the_first_batch_for_a_site_the_step_never_reached(dm: TwoLanguageDataModule) -> None:
-    lm = TinyStoriesLM(**TINY_MODEL)
-    batch = next(iter(dm.train_dataloader()))
-    mask = retain_mask()
-    mask.on_fit_start(None, lm)  # type: ignore[arg-type]
-    mask.on_train_batch_start(None, lm, batch, 0)  # type: ignore[arg-type]
-    lm.train()
-    lm.model.transformer.h[0](lm.model.transformer.wte(batch["input_ids"][:, :-1]))  # block 1 is never called
-    with pytest.raises(ValueError, match=r"RetainMask at 'model.transformer.h.1.mlp.act' \(output\): the training "
-                                         "step never reached this site"):
-        mask.on_train_batch_end(None, lm, None, batch, 0)  # type: ignore[arg-type]
+    assert not act[retain][:, 48:].any() and act[retain][:, :48].abs().sum() > 0 and act[~retain][:, 48:].any()
+    assert not heads[retain][:, 16:].any() and heads[retain][:, :16].any() and heads[~retain][:, 16:].any()
 
 
 def test_steps_to_recover_on_a_tiny_model(dm: TwoLanguageDataModule, tmp_path: Path) -> None:
@@ -272,7 +246,7 @@ def test_sgtm_pipeline_under_ddp_spawn_zeroes_the_dedicated_units(tmp_path: Path
     evaluation = UnlearningEvaluation("param_routing", coherence_steps=0, attack_steps=1, attack_lr=1e-3,
                                       attack_stories=4, attack_seeds=1, attack_metrics=["forget"],
                                       eval_batch_size=8)  # fmt: skip
-    callbacks = [sgtm_routing(), retain_mask(), evaluation]
+    callbacks = [sgtm_routing(masked=True), evaluation]
     kwargs: dict[str, Any] = dict(max_steps=3, strategy="ddp_spawn", devices=2, callbacks=callbacks)
     pl.Trainer(**trainer_kwargs(tmp_path, **kwargs)).fit(lm, data)
     results = json.loads((tmp_path / "results.json").read_text())
