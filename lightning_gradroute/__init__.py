@@ -7,10 +7,10 @@ chosen parts of the network.
 The top level holds the library's own concepts: where and what to route (:class:`Target` for activations,
 :class:`ParameterTarget` for parameters, :class:`Route`), forward masks (:class:`ForwardMask`, SGTM's retain
 mode), the Lightning callback and mixin, the framework-free router and primitive, the optimizers that keep routed
-parameters' state clean, label sources, and the Expand-Route-Ablate lifecycle. Text label builders are in
-:mod:`lightning_gradroute.text_labels`, evaluation in :mod:`lightning_gradroute.evaluation`, the steering hook
-that reads a routed dimension back (any model) in :mod:`lightning_gradroute.steering`, the paper's experiments
-in :mod:`gradroute_experiments`.
+parameters' state clean, label sources, the Expand-Route-Ablate lifecycle and :class:`SaveFinalModel`, which keeps
+a fit's final model. Text label builders are in :mod:`lightning_gradroute.text_labels`, evaluation in
+:mod:`lightning_gradroute.evaluation`, the steering hook that reads a routed dimension back (any model) in
+:mod:`lightning_gradroute.steering`, the paper's experiments in :mod:`gradroute_experiments`.
 """
 
 from lightning_gradroute.callback import GradientRoutingCallback
@@ -25,6 +25,7 @@ from lightning_gradroute.era import (
     zero_expanded,
 )
 from lightning_gradroute.expansion import Expansion, expand
+from lightning_gradroute.export import SaveFinalModel
 from lightning_gradroute.grad import route_gradient, route_gradient_by_label
 from lightning_gradroute.labels import BatchKey, LabelSource
 from lightning_gradroute.mixin import GradientRoutingMixin
@@ -46,6 +47,7 @@ __all__ = [
     "Route",
     "RoutedAdamW",
     "RoutedSGD",
+    "SaveFinalModel",
     "Target",
     "ablate_state_dict",
     "contract",

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-__all__ = ["launched_by_multiprocessing", "local_slice", "strategy_family", "tensor_parallel_size"]
+__all__ = ["dump_weights", "launched_by_multiprocessing", "local_slice", "strategy_family", "tensor_parallel_size"]
 
 
 def launched_by_multiprocessing(trainer: pl.Trainer) -> bool:
@@ -66,3 +66,10 @@ def local_slice(param: Tensor, dim: int) -> tuple[int, int] | None:
         return None
     shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
     return offset[dim], offset[dim] + shape[dim]
+
+
+def dump_weights(trainer: pl.Trainer) -> dict:
+    """The weights-only checkpoint ``trainer.save_checkpoint(path, weights_only=True)`` writes, built on this rank
+    alone (its private ``_checkpoint_connector.dump_checkpoint``): ``save_checkpoint`` adds a barrier, which would
+    make the other ranks wait for rank-0-only work."""
+    return trainer._checkpoint_connector.dump_checkpoint(weights_only=True)

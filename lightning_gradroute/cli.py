@@ -3,6 +3,9 @@
     gradroute fit --config recipes/toy/split.yaml
     gradroute fit --config recipes/toy/split.yaml --trainer.devices 8 --trainer.strategy ddp
     gradroute ablate --checkpoint last.ckpt --output ablated.ckpt     # see lightning_gradroute.ablate_cli
+
+Every ``fit`` saves its final model under ``<log_dir>/final/`` (:class:`~lightning_gradroute.export.SaveFinalModel`,
+configured as ``final_model``, appended after the config's callbacks; ``--final_model.enabled false`` turns it off).
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ import sys
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lightning_gradroute import ablate_cli
+from lightning_gradroute.export import SaveFinalModel
 
 __all__ = ["GradrouteCLI", "main"]
 
 
 class GradrouteCLI(LightningCLI):
-    """LightningCLI in subclass mode for model and data; the resolved config is saved next to the logs."""
+    """LightningCLI in subclass mode for model and data; saves the resolved config and the final model."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True, **kwargs: object) -> None:
         # Denormal floats slow CPU training by an order of magnitude once activations get tiny (L1 penalties);
@@ -35,6 +39,10 @@ class GradrouteCLI(LightningCLI):
             run=run,
             **kwargs,  # type: ignore[arg-type]
         )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """``final_model``: :class:`SaveFinalModel`, after the config's callbacks (it saves what they leave)."""
+        parser.add_lightning_class_args(SaveFinalModel, "final_model")
 
 
 def main(args: list[str] | None = None) -> None:

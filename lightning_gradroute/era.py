@@ -58,6 +58,7 @@ __all__ = [
     "contract",
     "era_state",
     "expansion_record",
+    "hf_folders",
     "read_checkpoint",
     "restore_checkpoint",
     "save_ablated",
@@ -353,18 +354,25 @@ def save_ablated(model: nn.Module, directory: str | Path, hf: bool = True, write
         save_model(model, str(directory / "model.safetensors"))
     else:
         save_file({k: v.detach().contiguous() for k, v in full.items()}, str(directory / "model.safetensors"))
-    if hf and importlib.util.find_spec("transformers") is not None:
-        from transformers import PreTrainedModel
-
-        outer: list[str] = []
-        for name, module in model.named_modules():
-            if isinstance(module, PreTrainedModel) and not any(name.startswith(f"{o}.") or not o for o in outer):
-                outer.append(name)
-                target = directory / "hf" / name if name else directory / "hf"
-                prefix = f"{name}." if name else ""
-                own = None if full is None else {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
-                module.save_pretrained(target, state_dict=own)
+    for name, target in (hf_folders(model, directory) if hf else []):
+        prefix = f"{name}." if name else ""
+        own = None if full is None else {k[len(prefix) :]: v for k, v in full.items() if k.startswith(prefix)}
+        model.get_submodule(name).save_pretrained(target, state_dict=own)
     return directory
+
+
+def hf_folders(model: nn.Module, directory: str | Path) -> list[tuple[str, Path]]:
+    """``(name, folder)`` of every outermost HF ``PreTrainedModel`` in ``model`` and where :func:`save_ablated`
+    saves it: ``directory/hf/<name>`` (``directory/hf`` for ``model`` itself); none without transformers."""
+    if importlib.util.find_spec("transformers") is None:
+        return []
+    from transformers import PreTrainedModel
+
+    outer: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not any(name.startswith(f"{o}.") or not o for o in outer):
+            outer.append(name)
+    return [(name, Path(directory) / "hf" / name if name else Path(directory) / "hf") for name in outer]
 
 
 def _full_state_dict(model: nn.Module) -> dict[str, Tensor] | None:

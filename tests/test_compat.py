@@ -92,3 +92,17 @@ def test_local_slice_of_a_sharded_parameter(tmp_path: Path) -> None:
             local_slice(distribute_tensor(torch.randn(6, 4), mesh, [Partial()]), 0)
     finally:
         dist.destroy_process_group()
+
+
+def test_dump_weights_is_what_save_checkpoint_writes_with_weights_only(tmp_path: Path) -> None:
+    import torch
+    from helpers import RoutedDataModule, TinyClassifier, example_data, trainer_kwargs
+
+    from lightning_gradroute._compat import dump_weights
+
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(TinyClassifier(), RoutedDataModule(example_data(4, [0, 1, 0, 1]), batch_size=2))
+    trainer.save_checkpoint(tmp_path / "public.ckpt", weights_only=True)
+    public, ours = torch.load(tmp_path / "public.ckpt", weights_only=False), dump_weights(trainer)
+    assert ours.keys() == public.keys() and "optimizer_states" not in ours
+    assert all(torch.equal(ours["state_dict"][k], v) for k, v in public["state_dict"].items())

@@ -19,7 +19,7 @@ MODULES = sorted(
 def test_the_top_level_is_the_librarys_own_concepts() -> None:
     assert set(lightning_gradroute.__all__) == {
         "BatchKey", "Expansion", "ExpansionRecord", "ForwardMask", "GradientRouter", "GradientRoutingCallback",
-        "GradientRoutingMixin", "LabelSource", "ParameterTarget", "Phase", "Route", "RoutedAdamW", "RoutedSGD",
+        "GradientRoutingMixin", "LabelSource", "ParameterTarget", "Phase", "Route", "RoutedAdamW", "RoutedSGD", "SaveFinalModel",
         "Target", "ablate_state_dict", "contract", "era_state", "expand", "expansion_record", "route_gradient",
         "route_gradient_by_label", "save_ablated", "zero_expanded",
     }  # fmt: skip

@@ -182,6 +182,7 @@ class UnlearningEvaluation(CausalLMUnlearningEvaluation):
     @override
     def ablate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         if self.method == "demix":
+            pl_module.hparams["demix"] = False  # the plain architecture from now on: a saved checkpoint loads as one
             return {"experts_removed": keep_retain_experts(pl_module)}
         if self.method == "param_routing":
             assert self.routing is not None
