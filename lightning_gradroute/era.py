@@ -1,8 +1,9 @@
 """ERA state: what an expansion did, which phase a model is in, how checkpoints carry it, and ablation.
 
 This module owns the Expand-Route-Ablate state and lifecycle. The :class:`ExpansionRecord` (what
-:func:`~lightning_gradroute.expand` added, as plain data) and the :class:`Phase` live on the model, as :func:`era_state`. Checkpoints carry them
-under one key, in one schema, written by :func:`write_checkpoint` and read by :func:`read_checkpoint`::
+:func:`~lightning_gradroute.expand` added, as plain data) and the :class:`Phase` live on the model, as
+:func:`era_state`. Checkpoints carry them under one key, in one schema, written by :func:`write_checkpoint` and read
+by :func:`read_checkpoint`::
 
     checkpoint["gradroute"] = {"version": 2, "phase": "expanded" | "zeroed" | "contracted", "expansion": {...}}
 
@@ -386,25 +387,14 @@ def _full_state_dict(model: nn.Module) -> dict[str, Tensor] | None:
 
 # ------------------------------------------------------------------------------------------------ lifecycle
 class EraLifecycle:
-    """The ERA lifecycle of one ``fit``, for :class:`~lightning_gradroute.GradientRoutingCallback`: every rule of
-    when to expand, which ablation fits which run, and what fit end does is written here.
-
-    * :meth:`setup` (``Callback.setup("fit")``): expand around the module's ``configure_model``, attach ``router``
-      to the result, and plan the ablation (``"dedicated"``: which units; where to save).
-    * :meth:`fit_end` (``on_fit_end``, the model unwrapped): ablate and save.
-    * Checkpoints: :func:`write_checkpoint` and :func:`restore_checkpoint` (``resume=True``).
-
-    Args:
-        router: the (not yet attached) router of the run; ``"dedicated"`` asks it which units to zero.
-        expansions: applied in :meth:`setup`.
-        ablate: an :class:`Ablation` (or its string), or ``None`` to keep the trained model.
-        ablate_label: for ``"dedicated"`` (and only for it): the label whose dedicated units are zeroed.
-        save_ablated: ``True`` under ``trainer.log_dir``, a directory path, or ``False``.
-        who: the name errors start with.
+    """ERA in one ``fit``, for :class:`~lightning_gradroute.GradientRoutingCallback` (its ``era``): every rule of
+    when to expand, which ablation fits which run and what fit end does. :meth:`setup` (``setup("fit")``) expands
+    around ``configure_model``, attaches ``router`` and plans the ablation; :meth:`fit_end` ablates and saves.
+    The arguments are the callback's (``who`` starts the errors).
 
     Attributes:
         state: the module's :class:`EraState` after :meth:`setup` (``None`` without an expansion).
-        dedicated: ``{parameter name: (dim, units)}`` that ``"dedicated"`` will zero (set in :meth:`setup`).
+        dedicated: ``{parameter name: (dim, units)}`` that ``"dedicated"`` zeroes (set in :meth:`setup`).
         ablated_units: ``{parameter name: units zeroed}`` after a ``"dedicated"`` ablation.
         ablated_dir: where :meth:`fit_end` saves the ablated weights (``None``: nowhere).
     """
