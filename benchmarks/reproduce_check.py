@@ -13,6 +13,22 @@ relative: seeded single-threaded runs repeat bit for bit on one machine, but flo
 retraining attack in its 5th. Differences of a method (seed-to-seed spreads of 0.01-0.1 here) are far larger.
 
 Runs go to ``runs/reproduce_check/`` (a run whose ``results.json`` is there is not trained again).
+
+``--baseline-runs DIR`` also compares every value of each re-run's ``results.json`` (timings excepted) with the
+run of the same name under ``DIR``, e.g. the same checks run with an earlier version of the code, and reports
+whether they are bit-identical: that separates what a code change did from what the machine did. Lightning-gradroute
+0.2 (commit 4ddd73a) ran them so::
+
+    git worktree add /tmp/v0.2 4ddd73a && cd /tmp/v0.2
+    export OMP_NUM_THREADS=1 PYTHONPATH=/tmp/v0.2
+    python -m lightning_gradroute.cli fit --config recipes/two_language/plain.yaml --seed_everything=0 \
+        --data.init_args.seed=0 --data.init_args.recall=1.0 --trainer.logger=false \
+        --trainer.default_root_dir=/tmp/baseline/two_language_plain_s0
+    python -c "import sys; sys.path.insert(0, 'benchmarks'); import cifar_sweep, tinystories_sweep; \
+        from pathlib import Path as P; cifar_sweep.train('balanced', 0.03, 0, P('/tmp/baseline/cifar'), []); \
+        tinystories_sweep.run_one('era', 1.0, 0, P('/tmp/baseline'), [], P('recipes/tinystories'))"
+    python benchmarks/gridworld_sweep.py --methods routed_moe --oversight 0.003 --seeds 0 \
+        --runs-dir /tmp/baseline/gridworld --out /tmp/baseline/out
 """
 
 from __future__ import annotations
@@ -118,6 +134,43 @@ def check_steering(runs: Path) -> tuple[str, str, list[Comparison]]:
             [(k, [theirs[k]], ours[k]) for k in sorted(theirs) if k in ours])  # fmt: skip
 
 
+#: The run directories (under ``--runs-dir``) each check trains, for ``--baseline-runs``.
+RUN_DIRS = {
+    "two_language": ["two_language_plain_s0", "two_language_plain_s1", "two_language_plain_s2"],
+    "cifar": ["cifar/balanced/l1_0.03"],
+    "gridworld": ["gridworld/routed_moe_p0.003_s0"],
+    "tinystories": ["era_p1_s0"],
+    "steering": ["steering_lily"],
+}
+
+
+def _numbers(value: Any, path: str = "") -> dict[str, float]:
+    """Every number in a results.json, by its key path; timings (keys with "seconds") left out."""
+    if isinstance(value, list):
+        value = {str(i): sub for i, sub in enumerate(value)}
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() if "seconds" not in str(key)
+                for k, v in _numbers(sub, f"{path}.{key}" if path else str(key)).items()}  # fmt: skip
+    return {path: float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
+def against_baseline(name: str, runs: Path, baseline: Path) -> dict[str, Any] | None:
+    """Compare the runs of check ``name`` with those of the same name under ``baseline`` (None if it has none)."""
+    compared, different, largest = 0, [], 0.0
+    for run in RUN_DIRS[name]:
+        if not (baseline / run / "results.json").exists():
+            return None
+        ours = _numbers(json.loads((runs / run / "results.json").read_text()))
+        theirs = _numbers(json.loads((baseline / run / "results.json").read_text()))
+        for key in sorted(set(ours) & set(theirs)):
+            compared += 1
+            if ours[key] != theirs[key]:
+                different.append(f"{run}:{key}")
+                largest = max(largest, abs(ours[key] - theirs[key]))
+    return {"values_compared": compared, "values_different": len(different), "largest_difference": largest,
+            "first_different": different[:5]}  # fmt: skip
+
+
 CHECKS: dict[str, Callable[[Path], tuple[str, str, list[Comparison]]]] = {
     "two_language": check_two_language,
     "cifar": check_cifar,
@@ -132,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS))
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "reproduce_check")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--baseline-runs", type=Path, default=None, help="runs of another code version to compare")
+    parser.add_argument("--baseline-name", default="lightning-gradroute 0.2 (4ddd73a)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out_json = args.out / "reproduce_check.json"
@@ -145,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
         ]  # fmt: skip
         report[name] = {"committed_file": committed_file, "recipe": recipe, "rows": rows,
                         "reproduces": all(r["reproduces"] for r in rows)}  # fmt: skip
+        if args.baseline_runs is not None:
+            report[name]["baseline"] = against_baseline(name, args.runs_dir, args.baseline_runs)
+            report[name]["baseline_name"] = args.baseline_name
         print(f"{name}: {'reproduces' if report[name]['reproduces'] else 'DIFFERS'}", flush=True)
     lines = ["# Do the committed results reproduce?", "", "Produced by `python benchmarks/reproduce_check.py` "
              f"(tolerance {TOLERANCE:g} relative; see the script's docstring for how a single seed is checked "
@@ -158,6 +216,13 @@ def main(argv: list[str] | None = None) -> None:
             difference = min(abs(r["rerun"] - c) for c in r["committed"])
             lines.append(f"| {r['value']} | {committed} | {r['rerun']:.6f} | {difference:.1e} | "
                          f"{'yes' if r['reproduces'] else 'no'} |")
+        base = check.get("baseline")
+        if base is not None:
+            same = "bit-identical" if base["values_different"] == 0 else (
+                f"**{base['values_different']} differ** (largest {base['largest_difference']:.2e}; first: "
+                f"{', '.join(base['first_different'])})")
+            lines += ["", f"Against {check['baseline_name']} on the same machine: {base['values_compared']} values of "
+                      f"results.json compared, {same}."]  # fmt: skip
         lines.append("")
     args.out.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(report, indent=2))
