@@ -19,7 +19,7 @@ from lightning_gradroute.mixin import GradientRoutingMixin
 from lightning_gradroute.router import GradientRouter
 from lightning_gradroute.targets import ForwardMask, ParameterTarget, Route, Target
 
-__all__ = ["GradientRoutingCallback"]
+__all__ = ["GradientRoutingCallback", "routing_callback_before"]
 
 
 class GradientRoutingCallback(Callback):
@@ -305,6 +305,20 @@ class GradientRoutingCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self.router.detach()
+
+
+def routing_callback_before(trainer: pl.Trainer, callback: Callback, who: str) -> GradientRoutingCallback | None:
+    """The trainer's first :class:`GradientRoutingCallback` (``None`` without one), for a callback whose
+    ``on_fit_end`` must see the model after every routing callback's ablation (they run in list order).
+
+    Raises:
+        ValueError: a routing callback is listed after ``callback``.
+    """
+    mine = trainer.callbacks.index(callback)
+    routing = [cb for cb in trainer.callbacks if isinstance(cb, GradientRoutingCallback)]
+    if any(trainer.callbacks.index(cb) > mine for cb in routing):
+        raise ValueError(f"{who}: list it after the GradientRoutingCallback, whose ablation comes first")
+    return routing[0] if routing else None
 
 
 def _differences(saved: Any, current: Any, path: str = "") -> list[str]:

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_gradroute._compat import strategy_family, dump_weights
-from lightning_gradroute.callback import GradientRoutingCallback
+from lightning_gradroute.callback import routing_callback_before
 from lightning_gradroute.era import expansion_record, hf_folders, save_ablated
 
 __all__ = ["SaveFinalModel"]
@@ -50,9 +50,7 @@ class SaveFinalModel(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
-        mine = trainer.callbacks.index(self)
-        if any(isinstance(cb, GradientRoutingCallback) for cb in trainer.callbacks[mine + 1 :]):
-            raise ValueError("SaveFinalModel: list it after the GradientRoutingCallback, whose ablation comes first")
+        routing_callback_before(trainer, self, "SaveFinalModel")
         root = Path(trainer.log_dir or trainer.default_root_dir) / "final"  # log_dir broadcasts: every rank, here
         self.directory = Path(self._directory or root).resolve()
 

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_gradroute.callback import GradientRoutingCallback
+from lightning_gradroute.callback import GradientRoutingCallback, routing_callback_before
 from lightning_gradroute.evaluation.finetune import FinetuneResult, coherence_finetune
 from lightning_gradroute.evaluation.finetune import retraining_attack, steps_to_recover
 from lightning_gradroute.evaluation.losses import LossFn, mean_loss, next_token_loss
@@ -261,10 +261,7 @@ class UnlearningEvaluation(EvaluationCallback):
         if stage != "fit":
             return
         who = type(self).__name__
-        routing = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, GradientRoutingCallback)]
-        if routing and routing[0] > trainer.callbacks.index(self):
-            raise ValueError(f"{who}: list it after the GradientRoutingCallback, whose ablation comes first")
-        self.routing = trainer.callbacks[routing[0]] if routing else None  # type: ignore[assignment]
+        self.routing = routing_callback_before(trainer, self, who)
         data = self.data if self.data is not None else trainer.datamodule
         if data is None:
             raise ValueError(f"{who}: pass data=... (an UnlearningData) or fit with a datamodule that implements it")

@@ -42,7 +42,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_gradroute.callback import GradientRoutingCallback
+from lightning_gradroute.callback import GradientRoutingCallback, routing_callback_before
 from lightning_gradroute.evaluation import coherence_finetune_on, retraining_attack
 from gradroute_experiments.text.causal_lm import CausalLM, CausalLMEvaluation, token_mean_loss, weighted_token_losses
 from gradroute_experiments.token_unlearning.ablation import ablate_neurons, ablated_weight_norm
@@ -141,9 +141,7 @@ class TokenUnlearningEvaluation(CausalLMEvaluation):
         dm = trainer.datamodule
         if not getattr(dm, "route_token_ids", None) or not hasattr(dm, "batches"):
             raise ValueError("TokenUnlearningEvaluation: the data module must route a token set (labels='tokens')")
-        routing = [i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, GradientRoutingCallback)]
-        if routing and routing[0] > trainer.callbacks.index(self):
-            raise ValueError("TokenUnlearningEvaluation: list it after the GradientRoutingCallback")
+        routing_callback_before(trainer, self, "TokenUnlearningEvaluation")
         resolve_modules(pl_module, Target(self.ablate_modules), "ablate_modules")  # fail now on a bad pattern
         splits = dm.splits
         for protocol in self.protocols:
