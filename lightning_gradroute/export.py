@@ -18,7 +18,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_gradroute._compat import strategy_family, dump_weights
@@ -90,3 +90,8 @@ class SaveFinalModel(Callback):
                 wrapped.save_pretrained(folder)
             elif isinstance(tokenizer, PreTrainedTokenizerBase):
                 tokenizer.save_pretrained(folder)
+            else:
+                rank_zero_warn(
+                    f"SaveFinalModel: the data module's tokenizer is a {type(tokenizer).__name__}, neither a "
+                    f"tokenizers.Tokenizer nor a transformers tokenizer; {folder} has the model without it"
+                )
