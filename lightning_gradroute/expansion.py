@@ -22,6 +22,10 @@ Example (plain PyTorch, HF GPT-Neo)::
     ...  # route and train
     contract(model)                    # original architecture again, new units and what they learned gone
 
+``Expansion(modules, component="neurons" | "heads", add=...)`` finds the parts in the matched modules (a
+block's MLP) and takes their layout from the architecture table (:mod:`lightning_gradroute.architectures`), on
+every family it knows; the presets below name the same layouts for one family each.
+
 Presets (what a matched module must contain):
 
 ============================  =====================================================================
@@ -50,6 +54,14 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_gradroute.architectures import (
+    ARCHITECTURES,
+    AttentionLayout,
+    MLPLayout,
+    find_parts,
+    is_conv1d,
+    layer_features,
+)
 from lightning_gradroute.era import EraState, ExpansionRecord, Phase, era_state, set_era_state, spec_hash
 from lightning_gradroute.new_units import NewUnits, Role, Segments, add_new_units
 from lightning_gradroute.targets import Target, resolve_modules
@@ -75,6 +87,9 @@ class Expansion:
             ``"zeros"`` leaves them zero. New biases are always zero.
         output_init: new writing weights (columns feeding the new units forward), same choices. The default
             ``"zeros"`` makes expansion function-preserving.
+        component: ``"neurons"`` or ``"heads"``: add units of that component to every part the pattern names
+            or holds (``Expansion("transformer.h.*", component="neurons")``), with the layout the architecture
+            table (:mod:`~lightning_gradroute.architectures`) gives for the part's class; no preset needed.
         up, down, between: ``linear_pair`` only: names (relative to the matched module) of the
             ``nn.Linear``/``Conv1D`` layers whose outputs are the units, of those that take the units as
             input, and of elementwise modules in between (activations) whose hook sites get unit groups too.
@@ -93,6 +108,7 @@ class Expansion:
     up: tuple[str, ...] = ()
     down: tuple[str, ...] = ()
     between: tuple[str, ...] = ()
+    component: str | None = None
 
     def __post_init__(self) -> None:
         Target(self.modules)  # same pattern rules and errors as targets
@@ -112,14 +128,23 @@ class Expansion:
             if isinstance(value, str) or not all(isinstance(v, str) for v in value):
                 raise ValueError(f"{where}: {name} must be a list of submodule names, got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        if self.preset == "linear_pair":
+        if self.component is not None:
+            if self.component not in ("neurons", "heads"):
+                raise ValueError(f"{where}: component must be 'neurons' or 'heads', got {self.component!r}")
+            if self.preset != "linear_pair" or self.up or self.down or self.between:
+                raise ValueError(f"{where}: component {self.component!r} decides the layout; drop preset and "
+                                 "up/down/between")  # fmt: skip
+        elif self.preset == "linear_pair":
             if not self.up or not self.down:
                 raise ValueError(f"{where}: preset 'linear_pair' needs up=[...] and down=[...] layer names")
         elif self.up or self.down or self.between:
             raise ValueError(f"{where}: up/down/between only apply to preset 'linear_pair', not {self.preset!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        spec = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if spec["component"] is None:  # so that specs (and their hashes) from before components stay the same
+            del spec["component"]
+        return spec
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any]) -> Expansion:
@@ -154,19 +179,11 @@ def _submodule(module: nn.Module, name: str, where: str) -> nn.Module:
 def _layer(module: nn.Module, name: str, where: str) -> nn.Module:
     """The ``nn.Linear`` or HF ``Conv1D`` called ``name`` inside ``module``."""
     layer = _submodule(module, name, where)
-    if not isinstance(layer, nn.Linear) and not _is_conv1d(layer):
+    if not isinstance(layer, nn.Linear) and not is_conv1d(layer):
         raise ValueError(f"{where}: {name!r} is a {type(layer).__name__}, not an nn.Linear or HF Conv1D")
     return layer
 
 
-def _is_conv1d(layer: nn.Module) -> bool:
-    return type(layer).__name__ == "Conv1D" and hasattr(layer, "nf")
-
-
-def _features(layer: nn.Module, side: str) -> int:
-    weight: Tensor = layer.weight  # type: ignore[assignment]
-    out_dim = 1 if _is_conv1d(layer) else 0
-    return weight.shape[out_dim if side == "out" else 1 - out_dim]
 
 
 def _neurons(up: Sequence[str], down: Sequence[str], between: Sequence[str]) -> Callable[..., _Plan]:
@@ -174,8 +191,8 @@ def _neurons(up: Sequence[str], down: Sequence[str], between: Sequence[str]) -> 
         layers = {name: _layer(module, name, where) for name in (*up, *down)}
         for name in between:
             _submodule(module, name, where)
-        sizes = {f"{n}.out": _features(layers[n], "out") for n in up}
-        sizes |= {f"{n}.in": _features(layers[n], "in") for n in down}
+        sizes = {f"{n}.out": layer_features(layers[n], "out") for n in up}
+        sizes |= {f"{n}.in": layer_features(layers[n], "in") for n in down}
         if len(set(sizes.values())) != 1:
             raise ValueError(f"{where}: the unit layers disagree on the number of units: {sizes}")
         inserts = [(next(iter(sizes.values())), expansion.add)]
@@ -196,10 +213,10 @@ def _separate_heads(q: str, k: str, v: str, out: str, heads_attr: str | None) ->
     def plan(module: nn.Module, expansion: Expansion, where: str) -> _Plan:
         head_dim = _head_dim(module, where)
         layers = {name: _layer(module, name, where) for name in (q, k, v, out)}
-        q_size, kv_size = _features(layers[q], "out"), _features(layers[k], "out")
+        q_size, kv_size = layer_features(layers[q], "out"), layer_features(layers[k], "out")
         heads, kv_heads = q_size // head_dim, kv_size // head_dim
-        if q_size % head_dim or kv_size % head_dim or heads % kv_heads or _features(layers[out], "in") != q_size:
-            raise ValueError(f"{where}: q/k/v/out sizes {q_size}/{kv_size}/{_features(layers[out], 'in')} do not "
+        if q_size % head_dim or kv_size % head_dim or heads % kv_heads or layer_features(layers[out], "in") != q_size:
+            raise ValueError(f"{where}: q/k/v/out sizes {q_size}/{kv_size}/{layer_features(layers[out], 'in')} do not "
                              f"fit head_dim {head_dim}")
         groups = heads // kv_heads
         if expansion.add % groups:
@@ -219,9 +236,9 @@ def _gpt2_heads(module: nn.Module, expansion: Expansion, where: str) -> _Plan:
     if getattr(module, "is_cross_attention", False):
         raise ValueError(f"{where}: cross-attention GPT-2 layers are not supported by preset 'gpt2_attn'")
     c_attn, c_proj = _layer(module, "c_attn", where), _layer(module, "c_proj", where)
-    width = _features(c_proj, "in")
-    if _features(c_attn, "out") != 3 * width or width % head_dim or getattr(module, "split_size", None) != width:
-        raise ValueError(f"{where}: c_attn ({_features(c_attn, 'out')}) is not a fused q/k/v of c_proj's {width}")
+    width = layer_features(c_proj, "in")
+    if layer_features(c_attn, "out") != 3 * width or width % head_dim or getattr(module, "split_size", None) != width:
+        raise ValueError(f"{where}: c_attn ({layer_features(c_attn, 'out')}) is not a fused q/k/v of c_proj's {width}")
     added = expansion.add * head_dim
     return _Plan(
         [_Resize("c_attn", "out", [(width, added), (2 * width, added), (3 * width, added)]),
@@ -230,20 +247,33 @@ def _gpt2_heads(module: nn.Module, expansion: Expansion, where: str) -> _Plan:
     )
 
 
-_GPT_MLP = _neurons(up=("c_fc",), down=("c_proj",), between=("act",))
-_GATED_MLP = _neurons(up=("gate_proj", "up_proj"), down=("down_proj",), between=("act_fn",))
-_LLAMA_HEADS = _separate_heads("q_proj", "k_proj", "v_proj", "o_proj", heads_attr=None)
-#: Preset name -> planner ``(module, expansion, where) -> plan``.
+def _planner(layout: MLPLayout | AttentionLayout, where: str) -> Callable[..., _Plan]:
+    """The planner that adds units to a part with this layout (from the architecture table)."""
+    if isinstance(layout, MLPLayout):
+        return _neurons(layout.up, (layout.down,), (layout.act,) if layout.act else ())
+    if layout.fused and layout.fused_order == "blocks" and (layout.fused, layout.out) == ("c_attn", "c_proj"):
+        return _gpt2_heads
+    if layout.fused or "." in layout.head_dim:
+        raise ValueError(f"{where}: adding heads to this attention layout is not supported")
+    return _separate_heads(layout.q, layout.k, layout.v, layout.out, layout.heads_attr)
+
+
+def _preset(class_name: str, component: str) -> Callable[..., _Plan]:
+    layout = ARCHITECTURES[class_name]
+    return _planner(layout.mlp if component == "neurons" else layout.attention, class_name)  # type: ignore[arg-type]
+
+
+#: Preset name -> planner ``(module, expansion, where) -> plan``, from the architecture table.
 PRESETS: dict[str, Callable[..., _Plan]] = {
-    "gpt2_mlp": _GPT_MLP,
-    "gpt_neo_mlp": _GPT_MLP,
-    "llama_mlp": _GATED_MLP,
-    "qwen2_mlp": _GATED_MLP,
+    "gpt2_mlp": _preset("GPT2MLP", "neurons"),
+    "gpt_neo_mlp": _preset("GPTNeoMLP", "neurons"),
+    "llama_mlp": _preset("LlamaMLP", "neurons"),
+    "qwen2_mlp": _preset("Qwen2MLP", "neurons"),
     "linear_pair": lambda module, e, where: _neurons(e.up, e.down, e.between)(module, e, where),
-    "gpt2_attn": _gpt2_heads,
-    "gpt_neo_attn": _separate_heads("q_proj", "k_proj", "v_proj", "out_proj", heads_attr="num_heads"),
-    "llama_attn": _LLAMA_HEADS,
-    "qwen2_attn": _LLAMA_HEADS,
+    "gpt2_attn": _preset("GPT2Attention", "heads"),
+    "gpt_neo_attn": _preset("GPTNeoSelfAttention", "heads"),
+    "llama_attn": _preset("LlamaAttention", "heads"),
+    "qwen2_attn": _preset("Qwen2Attention", "heads"),
 }
 _PRESET_LAYER_TYPES = {"gpt2_mlp": "Conv1D", "gpt_neo_mlp": "Linear", "gpt2_attn": "Conv1D"}
 
@@ -277,13 +307,22 @@ def expand(model: nn.Module, expansions: Sequence[Expansion | Mapping[str, Any]]
     # Plan and check everything first, so that a bad module leaves the model untouched.
     planned: list[tuple[Expansion, str, nn.Module, _Plan]] = []
     for i, expansion in enumerate(expansions):
-        for name, module in resolve_modules(model, Target(expansion.modules), f"expansions[{i}]"):
+        hits = resolve_modules(model, Target(expansion.modules), f"expansions[{i}]")
+        if expansion.component is not None:
+            for part in find_parts(hits, expansion.component, f"Expansion {expansion.modules!r}"):
+                where = f"Expansion {expansion.modules!r} ({part.where})"
+                if not isinstance(part.layout, (MLPLayout, AttentionLayout)):
+                    raise ValueError(f"{where}: only neurons and heads can be added")
+                plan = _planner(part.layout, where)(part.module, expansion, where)
+                planned.append((expansion, part.name, part.module, plan))
+            continue
+        for name, module in hits:
             where = f"Expansion {expansion.modules!r} ({expansion.preset}) at {name!r}"
             plan = PRESETS[expansion.preset](module, expansion, where)
             wanted = _PRESET_LAYER_TYPES.get(expansion.preset)
             for resize in plan.resizes:
                 layer = module.get_submodule(resize.layer)
-                if wanted and (wanted == "Conv1D") != _is_conv1d(layer):
+                if wanted and (wanted == "Conv1D") != is_conv1d(layer):
                     raise ValueError(f"{where}: {resize.layer!r} is a {type(layer).__name__}, the preset expects "
                                      f"{wanted}; pick the preset of this architecture")
             planned.append((expansion, name, module, plan))
@@ -336,14 +375,14 @@ def _layer_units(layer: nn.Module, role: Role, inserts: Segments, expansion: Exp
         bias: Tensor | None = getattr(layer, "bias", None)
         units = NewUnits(
             role,
-            _features(layer, "out"),
+            layer_features(layer, "out"),
             inserts,
-            _new_block(weight, (added, _features(layer, "in")), expansion.init),
+            _new_block(weight, (added, layer_features(layer, "in")), expansion.init),
             None if bias is None else torch.zeros(added, dtype=bias.dtype, device=bias.device),  # biases start at 0
         )
     else:
-        writing = _new_block(weight, (_features(layer, "out"), added), expansion.output_init)
-        units = NewUnits(role, _features(layer, "in"), inserts, writing)
+        writing = _new_block(weight, (layer_features(layer, "out"), added), expansion.output_init)
+        units = NewUnits(role, layer_features(layer, "in"), inserts, writing)
     units.requires_grad_(weight.requires_grad)
     return units
 

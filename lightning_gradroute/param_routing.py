@@ -34,11 +34,14 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_gradroute.grad import label_mask, table_rows
 from lightning_gradroute.labels import label_counts, label_membership
+from lightning_gradroute.architectures import find_parts
 from lightning_gradroute.targets import (
     ParameterTarget,
     Route,
     RouteTable,
     raise_route_problems,
+    Target,
+    resolve_modules,
     resolve_parameters,
     route_table,
     telemetry_groups,
@@ -66,14 +69,14 @@ class RoutedParameter:
 
     def __init__(
         self, label_names: Sequence[str], target_name: str, target: ParameterTarget, name: str, param: nn.Parameter,
-        weights: Tensor, groups: tuple[list[str], Tensor] | None = None,
+        dim: int, weights: Tensor, groups: tuple[list[str], Tensor] | None = None,
     ) -> None:  # fmt: skip
         self.num_labels = len(label_names)
         self.target_name = target_name
         self.target = target
         self.name = name
         self.param = param
-        self.dim = target.dim
+        self.dim = dim
         self.table = weights.to(param.device)
         self.calls = self.backward = 0
         #: set by an optimizer that keeps moments per label: backward then records each label's gradient share
@@ -155,37 +158,92 @@ def resolve_routed_parameters(
 ) -> list[RoutedParameter]:
     """The :class:`RoutedParameter` s of one target, with their weight tables.
 
-    ``expanded`` names the parameters an expansion added (``None`` without an expansion): units ``"expanded"``
-    are all of those, ``"original"`` all of the others. A route entry that selects nothing, is overridden or
-    leaves every weight at 1 is an error only if it does so at every parameter of the target (a pattern may
-    match original and new parameters alike).
+    ``expanded`` names the parameters an expansion added (``None`` without an expansion): by name, units
+    ``"expanded"`` are all of those, ``"original"`` all of the others; by component, the expansion's units and the
+    model's own. A route entry that selects nothing, is overridden or leaves every weight at 1 is an error only if
+    it does so everywhere the target matched (a pattern may match original and new parameters alike).
 
     Raises:
-        ValueError: see :func:`~lightning_gradroute.targets.resolve_parameters` and the route checks.
+        ValueError: see :func:`~lightning_gradroute.targets.resolve_parameters`, the route checks and, by
+            component, :func:`~lightning_gradroute.architectures.find_parts`.
     """
+    if target.component is not None:
+        return _component_parameters(model, target_name, target, routes, label_names, expanded, allow_noop)
     found, tables = [], []
-    for name, param in resolve_parameters(model, target, target_name):
-        size = param.shape[target.dim]
+    for name, param, dim in resolve_parameters(model, target, target_name):
+        size = param.shape[dim]
         groups = {}
         if expanded is not None:
             new = name in expanded
             groups = {"expanded": list(range(size)) if new else [], "original": [] if new else list(range(size))}
-        where = f"parameter target {target_name!r} ({name!r}, dim {target.dim})"
+        where = f"parameter target {target_name!r} ({name!r}, dim {dim})"
         table = route_table(label_names, target.units, routes, size, groups, where)
         unit_groups = telemetry_groups(target.units, routes, size, groups, where)
-        found.append(RoutedParameter(label_names, target_name, target, name, param, table.weights, unit_groups))
+        found.append(RoutedParameter(label_names, target_name, target, name, param, dim, table.weights, unit_groups))
         tables.append(table)
-    # A problem counts where it holds at every parameter: report it as the last parameter saw it.
+    _raise_everywhere(tables, routes, f"parameter target {target_name!r} (every matched parameter)", allow_noop,
+                      target)  # fmt: skip
+    return found
+
+
+def _component_parameters(
+    model: nn.Module, target_name: str, target: ParameterTarget, routes: Sequence[Route], label_names: Sequence[str],
+    expanded: Sequence[str] | None, allow_noop: bool,
+) -> list[RoutedParameter]:  # fmt: skip
+    """Every weight and bias of the component's units in each part: one ``(labels, units)`` table per part, read
+    out along each parameter's dim through the unit of each of its indices."""
+    who = f"parameter target {target_name!r}"
+    assert target.component is not None
+    parts = find_parts(resolve_modules(model, Target(target.modules), target_name), target.component, who)
+    found, tables = [], []
+    for part in parts:
+        params = part.param_units()
+        count = part.unit_count
+        groups = {}
+        if expanded is not None:
+            new = sorted({int(u) for p in params if ".new_units." in p.name for u in p.unit})
+            groups = {"expanded": new, "original": sorted(set(range(count)) - set(new))}
+        where = f"{who} ({part.where})"
+        table = route_table(label_names, target.units, routes, count, groups, where)
+        names, matrix = telemetry_groups(target.units, routes, count, groups, where)
+        tables.append(table)
+        for p in params:
+            if not p.param.requires_grad:
+                raise ValueError(f"{where}: {p.name!r} does not require grad; nothing to route")
+            if p.group > 1:
+                _check_whole_groups(table.weights, p.group, f"{where}: {p.name!r}")
+            weights = table.weights[:, p.unit]
+            found.append(RoutedParameter(label_names, target_name, target, p.name, p.param, p.dim, weights,
+                                         (names, matrix[p.unit])))  # fmt: skip
+    _raise_everywhere(tables, routes, f"{who} (every matched part)", allow_noop, target)
+    return found
+
+
+def _check_whole_groups(weights: Tensor, group: int, where: str) -> None:
+    """A key/value head shared by ``group`` query heads can only be routed as they all are."""
+    per_group = weights.reshape(weights.shape[0], -1, group)
+    split = (per_group != per_group[..., :1]).any(2).any(0).nonzero().flatten().tolist()
+    if split:
+        j = split[0]
+        raise ValueError(
+            f"{where}: key/value head {j} serves query heads {j * group}-{(j + 1) * group - 1} (grouped KV), which "
+            f"the routes weigh differently; route whole groups of {group} query heads"
+        )
+
+
+def _raise_everywhere(
+    tables: Sequence[RouteTable], routes: Sequence[Route], where: str, allow_noop: bool, target: ParameterTarget
+) -> None:
+    """Raise for a route entry that routes nothing in every one of ``tables`` (reported as the last saw it)."""
+    last = tables[-1]
     every = RouteTable(
-        tables[-1].weights,
+        last.weights,
         list(routes),
-        [[u for u in tables[-1].empty[k] if all(u in t.empty[k] for t in tables)] for k in range(len(routes))],
-        [[u for u in tables[-1].shadowed[k] if all(u in t.shadowed[k] for t in tables)] for k in range(len(routes))],
+        [[u for u in last.empty[k] if all(u in t.empty[k] for t in tables)] for k in range(len(routes))],
+        [[u for u in last.shadowed[k] if all(u in t.shadowed[k] for t in tables)] for k in range(len(routes))],
         [all(t.identity[k] for t in tables) for k in range(len(routes))],
     )
-    where = f"parameter target {target_name!r} (every matched parameter)"
     raise_route_problems(every, where, allow_noop, target.units)
-    return found
 
 
 def flat_labels(labels: Tensor, items: Sequence[int], where: str) -> Tensor:

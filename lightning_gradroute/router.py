@@ -40,11 +40,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradroute.architectures import find_parts, is_conv1d, site_problem, weight_dim
 from lightning_gradroute.era import ExpansionRecord
 from lightning_gradroute.grad import mask_forward, route_gradient_by_label
 from lightning_gradroute.labels import check_labels, label_membership
 from lightning_gradroute.param_routing import ParameterRoutingMode, RoutedParameter, resolve_routed_parameters
 from lightning_gradroute.targets import (
+    LATER_FIELDS,
     SYMBOLIC_UNITS,
     ForwardMask,
     ParameterTarget,
@@ -82,6 +84,7 @@ class RoutedSite:
         routes: Sequence[Route],
         unit_groups: Mapping[str, Sequence[int]] | None,
         masks: Sequence[ForwardMask] = (),
+        unit_width: int = 1,
     ) -> None:
         self.router = router
         self.target_name = target_name
@@ -89,7 +92,9 @@ class RoutedSite:
         self.module_name = module_name
         self.routes = list(routes)
         self.masks = list(masks)
-        self.unit_groups = dict(unit_groups or {})
+        #: features per unit (a head's ``head_dim``): tables are built over units, then widened to features
+        self.unit_width = unit_width
+        self.unit_groups = _units_of_features(dict(unit_groups or {}), unit_width, self.where)
         self.calls = self.routed = self.backward = 0
         self.grad_sq: Tensor | None = None  # (labels, unit groups) squared gradient norms, with telemetry on
         # Per (kind, size, device): the route weights, the forward mask, the telemetry group membership.
@@ -103,7 +108,7 @@ class RoutedSite:
     def known_size(self) -> int | None:
         """The feature size when it is known before any forward: from an expansion's groups or the module type."""
         if self.unit_groups:
-            return sum(len(v) for v in self.unit_groups.values())
+            return sum(len(v) for v in self.unit_groups.values()) * self.unit_width
         return None
 
     # ------------------------------------------------------------------------------------------- tables
@@ -156,11 +161,16 @@ class RoutedSite:
         key = (kind, size, device)
         value = self._cache.get(key)
         if value is None:
+            if size % self.unit_width:
+                raise ValueError(f"{self.where}: {size} features are not whole units of {self.unit_width}")
+            units = size // self.unit_width
             if kind == "groups":
                 routes = self.routes + self._mask_routes
-                value = telemetry_groups(self.target.units, routes, size, self.unit_groups, self.where)[1]
+                value = telemetry_groups(self.target.units, routes, units, self.unit_groups, self.where)[1]
+                value = value.repeat_interleave(self.unit_width, dim=0)
             else:
-                value = self.build_table(size) if kind == "table" else self.build_mask(size)
+                value = self.build_table(units) if kind == "table" else self.build_mask(units)
+                value = value.repeat_interleave(self.unit_width, dim=1)
             value = self._cache[key] = value.to(device)
         return value
 
@@ -195,6 +205,14 @@ class RoutedSite:
             )
         if not x.requires_grad and not self.masks:  # e.g. the no-grad first pass of reentrant checkpointing;
             return x  # check_coverage judges
+        if self.target.feature_dim == -1 and x.dim() >= 4:
+            raise ValueError(
+                f"{self.where}: the value has shape {tuple(x.shape)}; feature_dim=-1 would route its last dim, which "
+                "in a (B, C, H, W) value is a column of pixels, not a channel; set feature_dim=1 for channels (or "
+                f"feature_dim={x.dim() - 1} if the last dim is what you mean)"
+            )
+        if self.target.sequence_first:  # (T, B, ...): lay the (B,) or (B, T) labels over its (T, B) dims
+            labels = labels.t() if labels.dim() == 2 else labels.expand(x.shape[0], -1)
         feature_dim = self.target.feature_dim % x.dim() if x.dim() else 0
         if tuple(x.shape[: labels.dim()]) != tuple(labels.shape) or feature_dim < labels.dim():
             raise ValueError(
@@ -292,6 +310,69 @@ def _check_specs(
                 f"{merge}"
             )
         seen[key] = i
+
+
+def _activation_sites(
+    model: nn.Module, target_name: str, target: Target, routes: Sequence[Route], masks: Sequence[ForwardMask]
+) -> list[tuple[str, nn.Module, Target, int]]:
+    """``(module name, module, the target at that site, unit width)`` for each site a target hooks: the matched
+    modules, or the sites of the component parts in them; each checked for routing something else than meant."""
+    hits = resolve_modules(model, target, target_name)
+    if target.component is None:
+        sites = [(name, module, target, 1) for name, module in hits]
+    else:
+        sites = []
+        for part in find_parts(hits, target.component, f"target {target_name!r}"):
+            name, site, index, feature_dim, width = part.site()
+            concrete = dataclasses.replace(target, modules=name, site=site, output_index=index,
+                                           feature_dim=feature_dim, component=None)  # fmt: skip
+            sites.append((name, model.get_submodule(name), concrete, width))
+    units = [target.units] + [u for r in routes for u, _ in r.unit_weights() if u is not None]
+    units += [m.units for m in masks]
+    for name, module, site_target, _ in sites:
+        if type(module).forward is nn.Module.forward:
+            raise ValueError(
+                f"target {target_name!r}: {name!r} is a {type(module).__name__}, a container that is never called; "
+                f"target the modules inside it (e.g. '{name}.*')"
+            )
+        problem = site_problem(model, name, module, site_target.feature_dim, site_target.sequence_first, units,
+                               bool(routes))  # fmt: skip
+        if problem:
+            raise ValueError(f"target {target_name!r}: {name!r} ({type(module).__name__}): {problem}")
+    return sites
+
+
+def _units_of_features(
+    groups: dict[str, Sequence[int]], width: int, where: str
+) -> dict[str, Sequence[int]]:
+    """An expansion's feature groups as groups of ``width``-feature units (heads)."""
+    if width == 1:
+        return groups
+    units = {}
+    for name, features in groups.items():
+        heads = sorted({f // width for f in features})
+        if len(heads) * width != len(features):
+            raise ValueError(f"{where}: the expansion's {name!r} features are not whole units of {width}")
+        units[name] = heads
+    return units
+
+
+def _check_weight_bias_pairs(model: nn.Module, parameters: Sequence[RoutedParameter]) -> None:
+    """A layer's bias indexes its outputs: routing it unit by unit beside a weight routed along its inputs pairs
+    unit i of one with an unrelated unit i of the other (GPT-2's ``c_fc.weight`` with dim 0 beside ``c_fc.bias``)."""
+    by_name = {p.name: p for p in parameters}
+    for routed in parameters:
+        owner, attribute = routed.owner_and_attribute
+        bias = by_name.get(f"{owner}.bias" if owner else "bias")
+        layer = model.get_submodule(owner)
+        if attribute != "weight" or bias is None or not (isinstance(layer, nn.Linear) or is_conv1d(layer)):
+            continue
+        per_unit = bool((bias.table != bias.table[:, :1]).any())  # a bias weighed alike everywhere pairs nothing
+        if routed.dim != weight_dim(layer, "out") and per_unit:
+            raise ValueError(
+                f"{routed.where} routes the layer's input features, while {bias.where} routes its outputs (a bias "
+                f"has only those); route the weight with dim='out' to pair them"
+            )
 
 
 def _alias_parameter(
@@ -428,17 +509,12 @@ class GradientRouter:
                     model, target_name, target, routes, self.label_names, expanded, self.allow_noop
                 )
                 continue
-            for module_name, module in resolve_modules(model, target, target_name):
-                if type(module).forward is nn.Module.forward:
-                    raise ValueError(
-                        f"target {target_name!r}: {module_name!r} is a {type(module).__name__}, a container that is "
-                        f"never called; target the modules inside it (e.g. '{module_name}.*')"
-                    )
-                site_groups = groups.get((module_name, target.site))
-                masks = [m for m in self.masks if m.target == target_name]
-                site = RoutedSite(self, target_name, target, module_name, routes, site_groups, masks)
+            masks = [m for m in self.masks if m.target == target_name]
+            for module_name, module, site_target, width in _activation_sites(model, target_name, target, routes, masks):
+                site_groups = groups.get((module_name, site_target.site))
+                site = RoutedSite(self, target_name, site_target, module_name, routes, site_groups, masks, width)
                 site.check_unit_groups()
-                size = site.known_size or feature_size_hint(module, target.site, target.feature_dim)
+                size = site.known_size or feature_size_hint(module, site_target.site, site_target.feature_dim)
                 if size is not None:  # fail now, not at step 1, on out-of-range units or routes routing nothing
                     device = next(module.parameters(), torch.empty(0)).device
                     site.table(size, device)
@@ -447,6 +523,7 @@ class GradientRouter:
         twice = [p.name for i, p in enumerate(parameters) if any(q.param is p.param for q in parameters[:i])]
         if twice:
             raise ValueError(f"GradientRouter: parameter {twice[0]!r} is matched by two parameter targets")
+        _check_weight_bias_pairs(model, parameters)
         for routed in parameters:
             routed.register()
             routed.telemetry = self.telemetry
@@ -602,7 +679,8 @@ class GradientRouter:
 
     def config(self) -> dict[str, Any]:
         """The routing configuration as plain data (JSON types): labels, targets, routes and (when there are any,
-        so configs from before masks existed compare equal) masks."""
+        so configs from before masks existed compare equal) masks; target fields added later are left out at
+        their defaults for the same reason."""
 
         def plain(value: Any) -> Any:
             if isinstance(value, Mapping):
@@ -611,9 +689,13 @@ class GradientRouter:
                 return [plain(v) for v in value]
             return value
 
+        def spec(target: Target | ParameterTarget) -> dict[str, Any]:
+            fields = plain(dataclasses.asdict(target))
+            return {k: v for k, v in fields.items() if k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+
         config = {
             "labels": list(self.label_names),
-            "targets": {name: plain(dataclasses.asdict(t)) for name, t in self.targets.items()},
+            "targets": {name: spec(t) for name, t in self.targets.items()},
             "routes": [plain(dataclasses.asdict(r)) for r in self.routes],
         }
         if self.masks:

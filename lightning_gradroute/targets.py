@@ -19,6 +19,10 @@ Units are written as
 * a comma list ``"0,3,5"``, a list of ints ``[0, 3, 5]`` or a single int ``3``;
 * ``"expanded"`` / ``"original"``: symbolic groups filled in by the expansion step, so recipes never hard-code
   sizes.
+
+By meaning, ``Target(..., component="neurons")`` and ``ParameterTarget(modules=..., component="neurons")`` address
+the MLP neurons, attention heads, residual stream or conv channels on any architecture
+:mod:`~lightning_gradroute.architectures` knows, and units count those components.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
+
+from lightning_gradroute.architectures import COMPONENTS, is_conv1d, weight_dim
 
 __all__ = [
     "ForwardMask",
@@ -152,6 +158,15 @@ class Target:
         units: the features this target addresses; routes may narrow them further. Default ``"all"``.
         nested: allow the pattern to match a module *and* one of its descendants (both are routed, so their
             weights multiply along that path). Off by default: such a match is usually a too-wide pattern.
+        component: route a part of the matched modules by meaning, on any architecture
+            :mod:`~lightning_gradroute.architectures` knows: ``"neurons"`` (an MLP's hidden units, both halves of a
+            gated one), ``"heads"`` (attention heads; units count heads), ``"residual"`` (a block's output),
+            ``"channels"`` (dim 1 of a conv value). The pattern may name the parts or modules holding them (the
+            blocks: ``Target("transformer.h.*", component="neurons")``); the site, index and feature dim follow
+            from the architecture, so leave ``site``, ``output_index`` and ``feature_dim`` at their defaults.
+        sequence_first: the routed value is ``(T, B, ...)`` (``nn.TransformerEncoderLayer(batch_first=False)``);
+            labels ``(B,)`` or ``(B, T)`` are laid over it accordingly. A path into a module the library knows
+            to be sequence-first without it is an error: the labels would be read along the wrong dims.
     """
 
     modules: str
@@ -160,6 +175,8 @@ class Target:
     feature_dim: int = -1
     units: Units = "all"
     nested: bool = False
+    component: str | None = None
+    sequence_first: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.modules, str) or not self.modules:
@@ -187,6 +204,13 @@ class Target:
         _check_units(self.units, f"Target {self.modules!r}")
         if not isinstance(self.units, str) and not _is_int(self.units):
             object.__setattr__(self, "units", tuple(self.units))  # type: ignore[arg-type]
+        if self.component is not None:
+            _check_component(self.component, f"Target {self.modules!r}")
+            if (self.site, self.output_index, self.feature_dim) != ("output", None, -1):
+                raise ValueError(
+                    f"Target {self.modules!r}: component {self.component!r} decides the site, output_index and "
+                    "feature_dim; leave them at their defaults (or drop component and name the site yourself)"
+                )
 
     def matches(self, name: str) -> bool:
         """Whether the module called ``name`` is one of this target's (see ``modules`` for the syntax)."""
@@ -206,55 +230,104 @@ class ParameterTarget:
     parameters used as the weight or bias of ``F.linear`` (``nn.Linear``), ``torch.addmm`` (HF ``Conv1D``) or
     ``F.embedding`` (``nn.Embedding``). Any other differentiable use of a routed parameter is an error.
 
+    Either by meaning — ``modules`` and ``component``: every weight and bias of the units, along the right dim of
+    each, on any architecture :mod:`~lightning_gradroute.architectures` knows — or by name — ``params`` and
+    ``dim``.
+
     Args:
         params: a dotted-path glob over ``model.named_parameters()`` (same syntax as ``Target.modules``) or a
             ``re:`` regex: ``"transformer.h.*.mlp.c_fc.weight"``.
-        dim: the dim of the parameter that units index: for an ``nn.Linear`` weight ``(out, in)``, 0 is its output
-            features (an MLP's neurons in its up projection), 1 its input features (the neurons in the down
-            projection); a bias has only dim 0; an ``nn.Embedding`` weight ``(vocab, features)`` has vocabulary
-            rows (0) and features (1).
-        units: the units this target addresses (the same language as activation targets; ``"expanded"`` is all
-            of a parameter an expansion added, ``"original"`` all of one it did not).
+        dim: the dim of the parameter that units index. ``"out"`` / ``"in"``: the layer's output / input
+            features whatever its layout (an MLP's neurons are the ``"out"`` of its up projection and the ``"in"``
+            of its down projection; for an ``nn.Embedding``, ``"out"`` is its features and ``"in"`` its vocabulary
+            rows). An int is the tensor dim: for an ``nn.Linear`` weight ``(out, in)``, 0 is its outputs; a bias
+            has only dim 0. HF ``Conv1D`` weights (GPT-2) are stored ``(in, out)``, the transpose, so an int dim
+            there is refused: write ``"out"`` or ``"in"``.
+        units: the units this target addresses (the same language as activation targets). By name,
+            ``"expanded"`` is all of a parameter an expansion added and ``"original"`` all of one it did not; by
+            component they are the expansion's units and the model's own, and units count components (heads).
+        modules: with ``component``: a module glob naming the parts or the modules holding them (the blocks).
+        component: ``"neurons"`` (an MLP's up/gate rows and biases and down-projection columns, an expansion's
+            new ones included) or ``"heads"`` (query/key/value rows and biases — GPT-2's fused ``c_attn`` and
+            NeoX's ``query_key_value`` split per head — and output-projection columns; under grouped KV heads, a
+            key/value head is routed with the query heads sharing it, which must then be routed alike).
 
-    Example (SGTM-style: forget tokens may only change neurons 64: of every MLP)::
+    Example (SGTM-style: forget tokens may only change neurons 64: of every MLP; GPT-2, GPT-Neo, Llama alike)::
 
-        targets = {
-            "up": ParameterTarget("model.transformer.h.*.mlp.c_fc.weight", dim=0),
-            "down": ParameterTarget("model.transformer.h.*.mlp.c_proj.weight", dim=1),
-        }
-        routes = [Route("forget", "up", {":64": 0.0}), Route("forget", "down", {":64": 0.0})]
+        targets = {"mlp": ParameterTarget(modules="model.transformer.h.*", component="neurons")}
+        routes = [Route("forget", "mlp", {":64": 0.0})]
     """
 
-    params: str
-    dim: int = 0
+    params: str = ""
+    dim: Union[int, Literal["out", "in"]] = 0
     units: Units = "all"
+    modules: str = ""
+    component: str | None = None
 
     def __post_init__(self) -> None:
-        Target(self.params)  # the same pattern rules and errors
-        if not _is_int(self.dim) or self.dim < 0:
-            raise ValueError(f"ParameterTarget {self.params!r}: dim must be an int >= 0, got {self.dim!r}")
-        _check_units(self.units, f"ParameterTarget {self.params!r}")
+        where = f"ParameterTarget {self.params or self.modules!r}"
+        if self.component is not None:
+            _check_component(self.component, where)
+            if self.params or not self.modules or self.dim != 0:
+                raise ValueError(
+                    f"{where}: with component {self.component!r}, give modules= (the blocks or MLPs / attention "
+                    "modules) and neither params nor dim: the component decides which dims are its units"
+                )
+            Target(self.modules)  # the same pattern rules and errors
+        else:
+            if not self.params or self.modules:
+                raise ValueError(
+                    f"{where}: give params= (a parameter glob), or modules= with component= (e.g. 'neurons')"
+                )
+            Target(self.params)
+        if self.dim not in ("out", "in") and (not _is_int(self.dim) or self.dim < 0):  # type: ignore[operator]
+            raise ValueError(f"{where}: dim must be 'out', 'in' or an int >= 0, got {self.dim!r}")
+        _check_units(self.units, where)
         if not isinstance(self.units, str) and not _is_int(self.units):
             object.__setattr__(self, "units", tuple(self.units))  # type: ignore[arg-type]
 
+    @property
+    def pattern(self) -> str:
+        """The glob this target matches: over parameters by name, over modules by component."""
+        return self.modules if self.component is not None else self.params
+
     def matches(self, name: str) -> bool:
-        """Whether the parameter called ``name`` is one of this target's."""
-        return Target(self.params).matches(name)
+        """Whether the parameter (or, by component, module) called ``name`` is one of this target's."""
+        return Target(self.pattern).matches(name)
+
+
+#: Fields added after configs were first checkpointed, with their defaults: a config leaves them out at the
+#: default, so that a checkpoint from before them resumes under the same configuration.
+LATER_FIELDS = {"component": None, "sequence_first": False, "modules": ""}
+
+
+def _check_component(component: object, where: str) -> None:
+    if component not in COMPONENTS:
+        raise ValueError(f"{where}: unknown component {component!r}; components are {', '.join(COMPONENTS)}")
 
 
 def resolve_parameters(
     model: nn.Module, target: ParameterTarget, target_name: str = ""
-) -> list[tuple[str, nn.Parameter]]:
-    """Return the ``(name, parameter)`` pairs of ``model`` that ``target`` matches, in model order.
+) -> list[tuple[str, nn.Parameter, int]]:
+    """Return the ``(name, parameter, dim)`` of ``model`` that a by-name ``target`` matches, in model order, with
+    ``"out"`` / ``"in"`` resolved to each parameter's tensor dim.
 
     Raises:
-        ValueError: nothing matched (with the closest names), a parameter without ``dim``, or one that does not
-            require grad.
+        ValueError: nothing matched (with the closest names; a tied alias names the parameter it is), a parameter
+            without ``dim``, an int dim on an HF ``Conv1D`` weight, or a parameter that does not require grad.
     """
     label = target_name or target.params
     named = list(model.named_parameters())
     hits = [(n, p) for n, p in named if target.matches(n)]
     if not hits:
+        canonical = {id(p): n for n, p in named}
+        tied = [(n, canonical[id(p)]) for n, p in model.named_parameters(remove_duplicate=False)
+                if target.matches(n) and id(p) in canonical]  # fmt: skip
+        if tied:
+            raise ValueError(
+                f"parameter target {label!r}: {tied[0][0]!r} is tied to {tied[0][1]!r} (the same tensor), which "
+                f"is the name it goes by; target {tied[0][1]!r} (its routing covers every use of the tensor)"
+            )
         names = [n for n, _ in named]
         probe = target.params.removeprefix("re:")
         close = difflib.get_close_matches(probe, names, n=5, cutoff=0.3) or names[:5]
@@ -262,14 +335,38 @@ def resolve_parameters(
             f"parameter target {label!r}: pattern {target.params!r} matches no parameter of "
             f"{type(model).__name__}; closest names: {', '.join(close)}"
         )
+    found = []
     for name, param in hits:
-        if param.dim() <= target.dim:
+        owner = model.get_submodule(name.rpartition(".")[0])
+        dim = target.dim
+        if isinstance(dim, str):
+            if param.dim() == 1:
+                if dim == "in":
+                    raise ValueError(f"parameter target {label!r}: {name!r} is a bias; it has only output features")
+                dim = 0
+            elif isinstance(owner, (nn.Linear, nn.Embedding)) or is_conv1d(owner):
+                dim = weight_dim(owner, dim)  # type: ignore[arg-type]
+            else:
+                raise ValueError(
+                    f"parameter target {label!r}: {name!r} belongs to a {type(owner).__name__}, whose 'out' / 'in' "
+                    "features the library does not know; give dim as an int"
+                )
+        elif is_conv1d(owner) and param.dim() == 2:
+            meaning = "input" if dim == 0 else "output"
+            raise ValueError(
+                f"parameter target {label!r}: {name!r} is an HF Conv1D weight, stored (in, out) = "
+                f"{tuple(param.shape)}, the transpose of nn.Linear: dim={dim} indexes its {param.shape[dim]} "
+                f"{meaning} features; write dim='out' for its outputs (an up projection's neurons) or dim='in' "
+                "for its inputs, or use component='neurons' / 'heads'"
+            )
+        if param.dim() <= dim:
             raise ValueError(
                 f"parameter target {label!r}: {name!r} of shape {tuple(param.shape)} has no dim {target.dim}"
             )
         if not param.requires_grad:
             raise ValueError(f"parameter target {label!r}: {name!r} does not require grad; nothing to route")
-    return hits
+        found.append((name, param, dim))
+    return found
 
 
 @functools.lru_cache(maxsize=4096)

@@ -143,7 +143,7 @@ def _sharded_adamw_step(rank: int, store_path: str, out_path: str) -> None:
         full, grad = adamw_case()
         param = torch.nn.Parameter(distribute_tensor(full, mesh, [Shard(0)]))
         param.grad = distribute_tensor(grad, mesh, [Shard(0)])
-        route = RoutedParameter(["retain", "forget"], "w", ParameterTarget("w"), "w", param, torch.ones(2, 6))
+        route = RoutedParameter(["retain", "forget"], "w", ParameterTarget("w"), "w", param, 0, torch.ones(2, 6))
         route.register()
         allowed = torch.tensor([True, False, True, True, False, False]) if rank == 0 else torch.zeros(6, dtype=bool)
         route.record(allowed, None)  # rank 1 saw no item allowed anywhere: the OR over ranks decides
@@ -173,7 +173,7 @@ def test_routed_adamw_on_fsdp2_shards_equals_the_unsharded_step(tmp_path: Path) 
     full, grad = adamw_case()
     param = torch.nn.Parameter(full.clone())
     param.grad = grad.clone()
-    route = RoutedParameter(["retain", "forget"], "w", ParameterTarget("w"), "w", param, torch.ones(2, 6))
+    route = RoutedParameter(["retain", "forget"], "w", ParameterTarget("w"), "w", param, 0, torch.ones(2, 6))
     route.register()
     try:
         route.record(torch.tensor([True, False, True, True, False, False]), None)
