@@ -30,7 +30,7 @@ version with the same layout. A custom model registers its own::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -49,6 +49,7 @@ __all__ = [
     "find_parts",
     "is_conv1d",
     "layer_features",
+    "parameter_problem",
     "register_architecture",
     "site_problem",
     "weight_dim",
@@ -389,8 +390,7 @@ def site_problem(
     if feature_dim == -1 and isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)):
         return (f"{type(module).__name__} values are (B, C, ...): feature_dim=-1 indexes the last spatial dim, not "
                 "channels; set feature_dim=1 (or component='channels')")
-    for owner_name, owner in _ancestors(model, name):
-        rel = name[len(owner_name) + 1:] if owner_name else name
+    for owner_name, owner, rel in _ancestors(model, name):
         if not sequence_first and _is_sequence_first(owner):
             return (f"it runs sequence-first inside {owner_name or 'the model'!r} ({type(owner).__name__}, "
                     "batch_first=False): its values are (T, B, ...) while labels lead with the batch; set "
@@ -409,12 +409,38 @@ def site_problem(
     return None
 
 
-def _ancestors(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` of ``name`` itself and every module above it, innermost first."""
+def parameter_problem(
+    model: nn.Module, name: str, along_outputs: bool, per_unit: bool, routed_alike: Callable[[str], bool]
+) -> str | None:
+    """Why routing parameter ``name`` by name would route part of a unit, or ``None``. ``along_outputs``: it is
+    routed along its layer's outputs; ``per_unit``: its units are weighed differently; ``routed_alike(name)``:
+    another parameter is routed with the same table."""
+    layer_name, _, attribute = name.rpartition(".")
+    if not (along_outputs and per_unit and attribute in ("weight", "bias")):
+        return None
+    for owner_name, owner, rel in _ancestors(model, layer_name):
+        layout = ARCHITECTURES.get(type(owner).__name__)
+        mlp, attention = (layout.mlp, layout.attention) if layout else (None, None)
+        if mlp is not None and mlp.gated and rel in mlp.up:
+            other = f"{owner_name}.{mlp.up[1 - mlp.up.index(rel)]}.{attribute}"
+            if not routed_alike(other):
+                return (f"a gated MLP's neuron is act({mlp.up[0]} x) * {mlp.up[1]} x ({type(owner).__name__}), and "
+                        f"{other!r} is not routed like it, so the other half of the same neurons keeps learning; "
+                        f"route both alike, or ParameterTarget(modules={owner_name!r}, component='neurons')")
+        if attention is not None and rel == attention.fused:
+            return (f"its outputs are {type(owner).__name__}'s fused queries, keys and values, so per-unit weights "
+                    "pick some of each separately; route heads with "
+                    f"ParameterTarget(modules={owner_name!r}, component='heads')")
+    return None
+
+
+def _ancestors(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Module, str]]:
+    """``(name, module, path of `name` inside it)`` for ``name`` itself and every module above it, innermost
+    first."""
     parts = name.split(".") if name else []
     for cut in range(len(parts), -1, -1):
         prefix = ".".join(parts[:cut])
-        yield prefix, model.get_submodule(prefix)
+        yield prefix, model.get_submodule(prefix), ".".join(parts[cut:])
 
 
 def _is_sequence_first(module: nn.Module) -> bool:

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradroute.architectures import find_parts, is_conv1d, site_problem, weight_dim
+from lightning_gradroute.architectures import find_parts, is_conv1d, parameter_problem, site_problem, weight_dim
 from lightning_gradroute.era import ExpansionRecord
 from lightning_gradroute.grad import mask_forward, route_gradient_by_label
 from lightning_gradroute.labels import check_labels, label_membership
@@ -357,18 +357,36 @@ def _units_of_features(
     return units
 
 
-def _check_weight_bias_pairs(model: nn.Module, parameters: Sequence[RoutedParameter]) -> None:
-    """A layer's bias indexes its outputs: routing it unit by unit beside a weight routed along its inputs pairs
-    unit i of one with an unrelated unit i of the other (GPT-2's ``c_fc.weight`` with dim 0 beside ``c_fc.bias``)."""
+def _per_unit(routed: RoutedParameter) -> bool:
+    return bool((routed.table != routed.table[:, :1]).any())
+
+
+def _check_parameters_by_name(model: nn.Module, parameters: Sequence[RoutedParameter]) -> None:
+    """Parameters routed by name that route part of a unit (see
+    :func:`~lightning_gradroute.architectures.parameter_problem`), and a layer's bias routed unit by unit beside
+    its weight routed along its inputs: a bias indexes outputs, so that pairs unit i of one with an unrelated unit
+    i of the other (GPT-2's ``c_fc.weight`` with dim 0 beside ``c_fc.bias``)."""
     by_name = {p.name: p for p in parameters}
     for routed in parameters:
         owner, attribute = routed.owner_and_attribute
-        bias = by_name.get(f"{owner}.bias" if owner else "bias")
         layer = model.get_submodule(owner)
-        if attribute != "weight" or bias is None or not (isinstance(layer, nn.Linear) or is_conv1d(layer)):
+        if not (isinstance(layer, nn.Linear) or is_conv1d(layer)) or routed.target.component is not None:
             continue
-        per_unit = bool((bias.table != bias.table[:, :1]).any())  # a bias weighed alike everywhere pairs nothing
-        if routed.dim != weight_dim(layer, "out") and per_unit:
+        along_outputs = attribute == "bias" or routed.dim == weight_dim(layer, "out")
+
+        def routed_alike(name: str, table: Tensor = routed.table) -> bool:
+            other = by_name.get(name)
+            return other is not None and other.table.shape == table.shape and bool((other.table == table).all())
+
+        problem = parameter_problem(model, routed.name, along_outputs, _per_unit(routed), routed_alike)
+        if problem:
+            raise ValueError(f"{routed.where}: {problem}")
+        bias = by_name.get(f"{owner}.bias" if owner else "bias")
+        if attribute != "weight":
+            continue
+        if bias is None or not _per_unit(bias):  # a bias weighed alike everywhere pairs nothing
+            continue
+        if routed.dim != weight_dim(layer, "out"):
             raise ValueError(
                 f"{routed.where} routes the layer's input features, while {bias.where} routes its outputs (a bias "
                 f"has only those); route the weight with dim='out' to pair them"
@@ -523,7 +541,7 @@ class GradientRouter:
         twice = [p.name for i, p in enumerate(parameters) if any(q.param is p.param for q in parameters[:i])]
         if twice:
             raise ValueError(f"GradientRouter: parameter {twice[0]!r} is matched by two parameter targets")
-        _check_weight_bias_pairs(model, parameters)
+        _check_parameters_by_name(model, parameters)
         for routed in parameters:
             routed.register()
             routed.telemetry = self.telemetry

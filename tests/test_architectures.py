@@ -408,3 +408,21 @@ def test_parameter_routing_of_a_component_without_parameters_is_refused() -> Non
                             [Route("forget", "r", 0.0)])  # fmt: skip
     with pytest.raises(ValueError, match=r"residual have no parameters of their own.*activation Target"):
         router.attach(gpt2())
+
+
+def test_by_name_half_a_gated_neuron_or_part_of_a_fused_qkv_weight_is_refused() -> None:
+    """The parameter-routing siblings of cases 2 and the fused q/k/v output."""
+    gate_only = GradientRouter({"g": ParameterTarget("model.layers.*.mlp.gate_proj.weight", dim="out")},
+                               [Route("forget", "g", {":8": 0.0})])  # fmt: skip
+    with pytest.raises(ValueError, match=r"gate_proj.weight'.*'model.layers.0.mlp.up_proj.weight' is not routed "
+                       r"like it.*component='neurons'"):  # fmt: skip
+        gate_only.attach(llama())
+    both = {"g": ParameterTarget("model.layers.*.mlp.gate_proj.weight", dim="out"),
+            "u": ParameterTarget("model.layers.*.mlp.up_proj.weight", dim="out")}  # fmt: skip
+    GradientRouter(both, [Route("forget", t, {":8": 0.0}) for t in both]).attach(llama())
+    qkv = GradientRouter({"a": ParameterTarget("transformer.h.*.attn.c_attn.weight", dim="out")},
+                         [Route("forget", "a", {":4": 0.0})])  # fmt: skip
+    with pytest.raises(ValueError, match=r"c_attn.weight'.*fused queries, keys and values.*component='heads'"):
+        qkv.attach(gpt2())
+    GradientRouter({"a": ParameterTarget("transformer.h.*.attn.c_attn.weight", dim="out")},
+                   [Route("forget", "a", 0.0)]).attach(gpt2())  # fmt: skip
