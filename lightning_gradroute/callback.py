@@ -52,6 +52,10 @@ class GradientRoutingCallback(Callback):
     inside). Checkpoints carry the ERA state (:mod:`lightning_gradroute.era`, whose
     :class:`~lightning_gradroute.era.EraLifecycle` runs these steps).
 
+    Several routing callbacks may share a ``Trainer`` (e.g. one per label source), each with its own target
+    names and sites; at most one may expand or ablate. Each checkpoints its own state (a trainer's only routing
+    callback under the key ``"GradientRoutingCallback"``, as before, so earlier checkpoints resume).
+
     Example::
 
         import lightning.pytorch as pl
@@ -83,9 +87,10 @@ class GradientRoutingCallback(Callback):
         labels: the label names; integer labels in the batch index this list. Float labels in [0, 1] are soft
             labels between the first and second name. A :class:`~lightning_gradroute.GradientRoutingMixin`
             module must declare the same ``routing_labels`` (checked in ``setup``).
-        label_key: where the batch carries the labels: a dict key or a tuple position. Ignored when
-            ``label_source`` is given.
-        label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch.
+        label_key: where the batch carries the labels: a dict key or a tuple position (``2`` for batches
+            ``(x, y, labels)``). Ignored when ``label_source`` is given.
+        label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch (its
+            example: labels from the targets of a tuple batch).
         remove_labels_from_batch: pop ``label_key`` out of a dict batch before ``training_step`` sees it.
         expansions: :class:`~lightning_gradroute.Expansion` s applied in ``setup("fit")``.
         ablate: what ``on_fit_end`` does: to an expanded model ``"contract"`` (original shapes; required by
@@ -131,9 +136,10 @@ class GradientRoutingCallback(Callback):
             of range, ``"expanded"`` units on a module no expansion covers, a module an expansion preset does not
             fit, label names that differ from the module's ``routing_labels``, ``ablate`` other than
             ``"contract"`` with an expansion under ``ddp_spawn``, or ``"dedicated"`` with no unit dedicated to
-            ``ablate_label`` or on an expanded model; at checkpoint restore for a checkpoint of another routing
-            config (naming the fields that differ) or expansion; at the first batch for labels of the wrong shape,
-            dtype or range, and for a site that routed nothing.
+            ``ablate_label`` or on an expanded model, and for a target name or site another routing callback
+            of the trainer has, or a second one that expands or ablates; at checkpoint restore for a checkpoint
+            of another routing config (naming the fields that differ), expansion or set of routing callbacks; at
+            the first batch for labels of the wrong shape, dtype or range, and for a site that routed nothing.
     """
 
     def __init__(
