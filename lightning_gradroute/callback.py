@@ -172,7 +172,10 @@ class GradientRoutingCallback(Callback):
         # Items (examples or tokens) seen per label; a tensor on the batch's device so counting never syncs.
         self._label_totals = torch.zeros(len(self.router.label_names), dtype=torch.float64)
         self._backward_seen = False
-        self._alone = False  # set in setup: the only routing callback of the trainer (see state_key)
+        # The state key beside other routing callbacks (derived from the targets, as ModelCheckpoint's from its
+        # arguments); alone in a trainer (found in setup) the class name, the key of every earlier checkpoint.
+        self._key, self._alone = state_key(self, targets=self.router.config()["targets"]), False
+        self._ablated_elsewhere = False  # another routing callback of the trainer expands or ablates
 
     @property
     def expansions(self) -> list[Expansion]:
@@ -204,7 +207,7 @@ class GradientRoutingCallback(Callback):
     def state_key(self) -> str:
         """The class name for a trainer's only routing callback (the key of every checkpoint before several were
         allowed), else derived from the targets, as ``ModelCheckpoint`` derives its own: each restores its state."""
-        return super().state_key if self._alone else state_key(self, targets=self.router.config()["targets"])
+        return super().state_key if self._alone else self._key
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -255,7 +258,7 @@ class GradientRoutingCallback(Callback):
         if stage != "fit" or self.router.is_attached:
             return
         others = [cb for cb in _routing_callbacks(trainer) if cb is not self]
-        self._alone = not others
+        self._alone, self._ablated_elsewhere = not others, any(other._ablates for other in others)
         self._check_others(others, attached=False)
         if isinstance(pl_module, GradientRoutingMixin) and list(pl_module.routing_labels) != self.router.label_names:
             raise ValueError(
@@ -356,7 +359,8 @@ class GradientRoutingCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.era.fit_end(trainer, pl_module)
+        if not self._ablated_elsewhere:  # or it would remove the other's expansion, unsaved
+            self.era.fit_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -11,11 +11,12 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import DDP, RoutedDataModule, TinyClassifier, example_data, trainer_kwargs
+import torch.nn.functional as F
+from helpers import DDP, FEATURES, RoutedDataModule, TinyClassifier, example_data, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import Tensor
+from torch import Tensor, nn
 
-from lightning_gradroute import GradientRoutingCallback, LabelSource, ParameterTarget, Route, Target
+from lightning_gradroute import Expansion, GradientRoutingCallback, LabelSource, ParameterTarget, Phase, Route, Target
 from lightning_gradroute.callback import routing_callback_before
 
 LABELS = [0, 1, 0, 1, 1, 0, 0, 0]
@@ -157,6 +158,32 @@ def test_what_two_callbacks_cannot_share_is_refused_at_setup(tmp_path: Path, fir
     trainer = pl.Trainer(callbacks=[first(), second()], **trainer_kwargs(tmp_path))
     with pytest.raises(ValueError, match="^" + error):
         trainer.fit(TinyClassifier(), data())
+
+
+class BlockThenOut(TinyClassifier):
+    """``block`` (Linear, ReLU, Linear) for an expansion, then ``out``, which no expansion touches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.out = nn.Linear(4, 4)
+
+    def compute_loss(self, batch: Any) -> Tensor:
+        return F.cross_entropy(self.out(self.block(batch["x"])), batch["y"])
+
+
+def test_only_the_expanding_callback_ablates_and_saves_listed_after_a_plain_one(tmp_path: Path) -> None:
+    plain = GradientRoutingCallback({"out": Target("out")}, [Route("forget", "out", {"0:2": 0.0})])
+    era = GradientRoutingCallback(
+        {"block": Target("block.0")},
+        [Route("forget", "block", {"original": 0.0})],
+        expansions=[Expansion("block", preset="linear_pair", add=4, up=("0",), down=("2",))],
+        save_ablated=str(tmp_path),
+    )
+    model = BlockThenOut()
+    pl.Trainer(callbacks=[plain, era], **trainer_kwargs(tmp_path)).fit(model, data())
+    assert era.phase is Phase.CONTRACTED and model.block[0].weight.shape == (16, FEATURES)
+    assert (tmp_path / "ablated" / "model.safetensors").is_file()
 
 
 def test_routing_callback_before_picks_the_one_that_ablates(tmp_path: Path) -> None:
