@@ -20,7 +20,14 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-__all__ = ["dump_weights", "launched_by_multiprocessing", "local_slice", "strategy_family", "tensor_parallel_size"]
+__all__ = [
+    "dump_weights",
+    "launched_by_multiprocessing",
+    "local_slice",
+    "state_key",
+    "strategy_family",
+    "tensor_parallel_size",
+]
 
 
 def launched_by_multiprocessing(trainer: pl.Trainer) -> bool:
@@ -28,6 +35,12 @@ def launched_by_multiprocessing(trainer: pl.Trainer) -> bool:
     ``ddp_fork``, ``ddp_notebook``), whose main process gets the trained weights back into its own, unchanged
     model object (so the model's shapes must not differ from the main process's when fit ends)."""
     return isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher)
+
+
+def state_key(callback: pl.Callback, **kwargs: object) -> str:
+    """A ``state_key`` derived from ``kwargs``, in the format of Lightning's own callbacks (its protected
+    ``Callback._generate_state_key``: ``"ClassName{'arg': value}"``)."""
+    return callback._generate_state_key(**kwargs)
 
 
 def strategy_family(strategy: Strategy) -> str:

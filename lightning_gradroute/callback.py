@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_gradroute._compat import strategy_family, tensor_parallel_size
+from lightning_gradroute._compat import state_key, strategy_family, tensor_parallel_size
 from lightning_gradroute.era import Ablation, AblationMode, EraLifecycle, Phase, restore_checkpoint, write_checkpoint
 from lightning_gradroute.expansion import Expansion
 from lightning_gradroute.labels import BatchKey, LabelSource, label_counts
@@ -52,6 +52,10 @@ class GradientRoutingCallback(Callback):
     inside). Checkpoints carry the ERA state (:mod:`lightning_gradroute.era`, whose
     :class:`~lightning_gradroute.era.EraLifecycle` runs these steps).
 
+    Several routing callbacks may share a ``Trainer`` (e.g. one per label source), each with its own target
+    names and sites; at most one may expand or ablate. Each checkpoints its own state (a trainer's only routing
+    callback under the key ``"GradientRoutingCallback"``, as before, so earlier checkpoints resume).
+
     Example::
 
         import lightning.pytorch as pl
@@ -83,9 +87,10 @@ class GradientRoutingCallback(Callback):
         labels: the label names; integer labels in the batch index this list. Float labels in [0, 1] are soft
             labels between the first and second name. A :class:`~lightning_gradroute.GradientRoutingMixin`
             module must declare the same ``routing_labels`` (checked in ``setup``).
-        label_key: where the batch carries the labels: a dict key or a tuple position. Ignored when
-            ``label_source`` is given.
-        label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch.
+        label_key: where the batch carries the labels: a dict key or a tuple position (``2`` for batches
+            ``(x, y, labels)``). Ignored when ``label_source`` is given.
+        label_source: a :class:`~lightning_gradroute.LabelSource` that computes labels from the batch (its
+            example: labels from the targets of a tuple batch).
         remove_labels_from_batch: pop ``label_key`` out of a dict batch before ``training_step`` sees it.
         expansions: :class:`~lightning_gradroute.Expansion` s applied in ``setup("fit")``.
         ablate: what ``on_fit_end`` does: to an expanded model ``"contract"`` (original shapes; required by
@@ -131,9 +136,10 @@ class GradientRoutingCallback(Callback):
             of range, ``"expanded"`` units on a module no expansion covers, a module an expansion preset does not
             fit, label names that differ from the module's ``routing_labels``, ``ablate`` other than
             ``"contract"`` with an expansion under ``ddp_spawn``, or ``"dedicated"`` with no unit dedicated to
-            ``ablate_label`` or on an expanded model; at checkpoint restore for a checkpoint of another routing
-            config (naming the fields that differ) or expansion; at the first batch for labels of the wrong shape,
-            dtype or range, and for a site that routed nothing.
+            ``ablate_label`` or on an expanded model, and for a target name or site another routing callback
+            of the trainer has, or a second one that expands or ablates; at checkpoint restore for a checkpoint
+            of another routing config (naming the fields that differ), expansion or set of routing callbacks; at
+            the first batch for labels of the wrong shape, dtype or range, and for a site that routed nothing.
     """
 
     def __init__(
@@ -166,6 +172,10 @@ class GradientRoutingCallback(Callback):
         # Items (examples or tokens) seen per label; a tensor on the batch's device so counting never syncs.
         self._label_totals = torch.zeros(len(self.router.label_names), dtype=torch.float64)
         self._backward_seen = False
+        # The state key beside other routing callbacks (derived from the targets, as ModelCheckpoint's from its
+        # arguments); alone in a trainer (found in setup) the class name, the key of every earlier checkpoint.
+        self._key, self._alone = state_key(self, targets=self.router.config()["targets"]), False
+        self._ablated_elsewhere = False  # another routing callback of the trainer expands or ablates
 
     @property
     def expansions(self) -> list[Expansion]:
@@ -192,19 +202,20 @@ class GradientRoutingCallback(Callback):
         return self._label_totals.tolist()
 
     # ------------------------------------------------------------------ state
+    @property
+    @override
+    def state_key(self) -> str:
+        """The class name for a trainer's only routing callback (the key of every checkpoint before several were
+        allowed), else derived from the targets, as ``ModelCheckpoint`` derives its own: each restores its state."""
+        return super().state_key if self._alone else self._key
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.router.config(), "steps_routed": self.steps_routed, "label_totals": self.label_totals}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        changed = _differences(state_dict.get("config", {}), self.router.config())
-        if changed:
-            more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
-            raise ValueError(
-                "GradientRoutingCallback: the checkpoint was trained with another routing config: "
-                f"{'; '.join(changed[:4])}{more}; resume with the same targets, routes and labels"
-            )
+        self._check_config(state_dict.get("config", {}))
         self.steps_routed = int(state_dict["steps_routed"])
         self._label_totals = torch.tensor(state_dict["label_totals"], dtype=torch.float64)
 
@@ -219,12 +230,36 @@ class GradientRoutingCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         restore_checkpoint(checkpoint, pl_module, "GradientRoutingCallback", resume=True)
+        kind = super().state_key
+        saved = {k: v for k, v in (checkpoint.get("callbacks") or {}).items() if str(k).split("{")[0] == kind}
+        if saved and self.state_key not in saved:  # saved alone and resumed beside another, or vice versa
+            names = sorted(self.router.targets)
+            same = [state for state in saved.values() if sorted(state["config"]["targets"]) == names]
+            if not same:
+                raise ValueError(
+                    f"GradientRoutingCallback: the checkpoint holds no state of a routing callback with targets "
+                    f"{names}, only of ones with targets {[sorted(s['config']['targets']) for s in saved.values()]}; "
+                    "resume with the same routing callbacks"
+                )
+            self.load_state_dict(same[0])  # raises, naming the fields, if its config differs
+
+    def _check_config(self, saved: dict[str, Any]) -> None:
+        changed = _differences(saved, self.router.config())
+        if changed:
+            more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+            raise ValueError(
+                "GradientRoutingCallback: the checkpoint was trained with another routing config: "
+                f"{'; '.join(changed[:4])}{more}; resume with the same targets, routes and labels"
+            )
 
     # ---------------------------------------------------------------- lifecycle
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or self.router.is_attached:
             return
+        others = [cb for cb in _routing_callbacks(trainer) if cb is not self]
+        self._alone, self._ablated_elsewhere = not others, any(other._ablates for other in others)
+        self._check_others(others, attached=False)
         if isinstance(pl_module, GradientRoutingMixin) and list(pl_module.routing_labels) != self.router.label_names:
             raise ValueError(
                 f"GradientRoutingCallback: labels {self.router.label_names} differ from "
@@ -233,8 +268,38 @@ class GradientRoutingCallback(Callback):
             )
         self._check_strategy(trainer)
         self.era.setup(trainer, pl_module)  # expands around configure_model, attaches the router
+        self._check_others(others, attached=True)
         where = f"{len(self.router.sites)} sites and {len(self.router.parameters)} parameters"
         rank_zero_info(f"gradient routing on {where}:\n{self.router.describe()}")
+
+    def _check_others(self, others: list[GradientRoutingCallback], attached: bool) -> None:
+        """Refuse what two routing callbacks in one trainer cannot share: a target name, the ERA lifecycle (before
+        expanding) or, once attached, a hooked site (with those set up before this one)."""
+        merge = "merge the two GradientRoutingCallbacks into one (one targets dict, one routes list)"
+        for other in others:
+            shared = sorted(set(self.router.targets) & set(other.router.targets))
+            if not attached and shared:
+                raise ValueError(
+                    f"GradientRoutingCallback: two routing callbacks name a target {shared[0]!r}, which would mix "
+                    f"their logged metrics and messages; rename it in one of them, or {merge}"
+                )
+            if not attached and self._ablates and other._ablates:
+                raise ValueError(
+                    f"GradientRoutingCallback: the routing callbacks of targets {sorted(self.router.targets)} and "
+                    f"{sorted(other.router.targets)} both expand or ablate the model, which only one may; {merge}"
+                )
+            mine, theirs = _sites(self.router), _sites(other.router)
+            both = sorted(mine.keys() & theirs.keys())
+            if attached and both:
+                where = both[0]
+                raise ValueError(
+                    f"GradientRoutingCallback: targets {theirs[where]!r} and {mine[where]!r} of two routing "
+                    f"callbacks both route {where}; {merge}"
+                )
+
+    @property
+    def _ablates(self) -> bool:
+        return bool(self.expansions) or self.ablate is Ablation.DEDICATED
 
     def _check_strategy(self, trainer: pl.Trainer) -> None:
         """Refuse, with why and what to use, the strategies this configuration cannot route exactly under."""
@@ -294,7 +359,8 @@ class GradientRoutingCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.era.fit_end(trainer, pl_module)
+        if not self._ablated_elsewhere:  # or it would remove the other's expansion, unsaved
+            self.era.fit_end(trainer, pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -308,17 +374,27 @@ class GradientRoutingCallback(Callback):
 
 
 def routing_callback_before(trainer: pl.Trainer, callback: Callback, who: str) -> GradientRoutingCallback | None:
-    """The trainer's first :class:`GradientRoutingCallback` (``None`` without one), for a callback whose
-    ``on_fit_end`` must see the model after every routing callback's ablation (they run in list order).
+    """The trainer's :class:`GradientRoutingCallback` (``None`` without one; of several, the one that expands or
+    ablates the model, at most one may, else the first), for a callback whose ``on_fit_end`` must see the model
+    after every routing callback's ablation (they run in list order).
 
     Raises:
         ValueError: a routing callback is listed after ``callback``.
     """
     mine = trainer.callbacks.index(callback)
-    routing = [cb for cb in trainer.callbacks if isinstance(cb, GradientRoutingCallback)]
+    routing = _routing_callbacks(trainer)
     if any(trainer.callbacks.index(cb) > mine for cb in routing):
         raise ValueError(f"{who}: list it after the GradientRoutingCallback, whose ablation comes first")
-    return routing[0] if routing else None
+    return next((cb for cb in routing if cb._ablates), routing[0] if routing else None)
+
+
+def _routing_callbacks(trainer: pl.Trainer) -> list[GradientRoutingCallback]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, GradientRoutingCallback)]
+
+
+def _sites(router: GradientRouter) -> dict[str, str]:
+    """``{hooked site: target name}`` of an attached router (a parameter routed twice fails in ``attach``)."""
+    return {f"{s.module_name!r} ({s.target.site})": s.target_name for s in router.sites}
 
 
 def _differences(saved: Any, current: Any, path: str = "") -> list[str]:

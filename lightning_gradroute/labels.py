@@ -33,7 +33,21 @@ __all__ = [
 
 
 class LabelSource(ABC):
-    """Maps a training batch to routing labels. Subclass it and implement :meth:`__call__`."""
+    """Maps a training batch to routing labels. Subclass it, implement :meth:`__call__` and pass an instance as
+    ``GradientRoutingCallback(label_source=...)`` (YAML: ``label_source: {class_path: mypackage.HighDigits}``).
+
+    Example (tuple batches ``(x, y)`` without labels; digits 5-9 get the second label)::
+
+        >>> class HighDigits(LabelSource):
+        ...     def __call__(self, batch):
+        ...         x, y = batch[:2]
+        ...         return (y >= 5).long()
+        >>> HighDigits()((torch.zeros(3, 8), torch.tensor([1, 7, 5])))
+        tensor([0, 1, 1])
+
+    Labels the batch carries need none: :class:`BatchKey` (the callback's ``label_key``) reads them, ``2`` for
+    batches ``(x, y, labels)`` (a ``training_step`` that unpacks ``x, y, labels = batch`` keeps working).
+    """
 
     @abstractmethod
     def __call__(self, batch: Any) -> Tensor:

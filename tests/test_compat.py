@@ -13,7 +13,9 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 
-from lightning_gradroute._compat import launched_by_multiprocessing
+from lightning.pytorch.callbacks import EarlyStopping
+
+from lightning_gradroute._compat import launched_by_multiprocessing, state_key
 
 
 @pytest.mark.parametrize(
@@ -23,6 +25,11 @@ from lightning_gradroute._compat import launched_by_multiprocessing
 def test_launched_by_multiprocessing(tmp_path: Any, strategy: str, devices: int, expected: bool) -> None:
     trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, default_root_dir=tmp_path, logger=False)
     assert launched_by_multiprocessing(trainer) is expected
+
+
+def test_state_key_is_lightnings_own_format() -> None:
+    stopping = EarlyStopping("val/loss", mode="max")
+    assert state_key(stopping, monitor="val/loss", mode="max") == stopping.state_key
 
 
 EXTRAS = ("matplotlib", "mpl_toolkits", "pil", "pillow", "tensorboard", "transformers", "tokenizers", "datasets")

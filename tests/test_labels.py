@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import doctest
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -65,3 +68,24 @@ def test_callback_rejects_a_non_callable_label_source() -> None:
 
     with pytest.raises(ValueError, match="label_source 3 is not callable"):
         GradientRoutingCallback({"t": Target("x")}, [Route("forget", "t")], label_source=3)  # type: ignore[arg-type]
+
+
+def test_the_readme_tuple_batch_example_runs_and_its_label_source_computes_the_labels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (code,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "class HighDigits" in block]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["routing"].steps_routed == 4
+    assert namespace["routing"].label_totals == [float((namespace["y"] < 5).sum()), float((namespace["y"] >= 5).sum())]
+    labels = namespace["HighDigits"]()((torch.randn(3, 8), torch.tensor([1, 7, 5])))
+    assert labels.tolist() == [0, 1, 1]
+
+
+def test_the_label_source_docstring_example_holds() -> None:
+    import lightning_gradroute.labels
+
+    result = doctest.testmod(lightning_gradroute.labels)
+    assert result.attempted >= 2 and result.failed == 0

@@ -249,7 +249,8 @@ class UnlearningEvaluation(EvaluationCallback):
         self.attack_batch_size, self.attack_seeds = attack_batch_size, attack_seeds
         self.attack_eval_every, self.attack_metrics, self.target_loss = attack_eval_every, metrics, target_loss
         self.eval_batch_size = eval_batch_size
-        #: The first ``GradientRoutingCallback`` of the trainer (None if it has none), found in ``setup``.
+        #: The trainer's routing callback (:func:`~lightning_gradroute.callback.routing_callback_before`).
+        #: Set in ``setup``.
         self.routing: GradientRoutingCallback | None = None
         self._grad_norms: dict[str, list[float]] = {}
         self._eval_batches: dict[str, list[Any]] = {}
