@@ -367,7 +367,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = [s for s in SIZES if any(r["size"] == s for r in rows)]
-    panels = [(f"lowest_{MAIN_BUDGET}", f"lowest forget loss, {MAIN_BUDGET}-story attack"), ("retain_cost", "retain cost")]
+    panels = [
+        (f"lowest_{MAIN_BUDGET}", f"lowest forget loss, {MAIN_BUDGET}-story attack"),
+        ("retain_cost", "retain cost"),
+    ]
     fig, axes = plt.subplots(len(panels), len(sizes), figsize=(5 * len(sizes), 4 * len(panels)), squeeze=False)
     for column, size in enumerate(sizes):
         for line, (key, title) in enumerate(panels):

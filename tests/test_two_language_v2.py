@@ -49,7 +49,8 @@ def full() -> BilingualDataModule:
 
 def test_romanisation_leaves_no_cyrillic_and_keeps_words_apart() -> None:
     assert transliterate("Жила-была Щука, ёжик и Юля.") == "Zhila-byla Shchuka, yozhik i Yulya."
-    assert transliterate("Once upon a time") == "Once upon a time" and not is_russian(transliterate("съешь эту"))
+    assert transliterate("Once upon a time") == "Once upon a time"
+    assert not is_russian(transliterate("съешь эту"))
 
 
 def test_both_languages_share_one_alphabet_and_most_tokens(full: BilingualDataModule) -> None:
@@ -195,9 +196,9 @@ def fake_result(cell: sweep.Cell, forget: float) -> dict[str, Any]:
         "final": {"retain": 2.0 + 0.01 * cell.seed, "forget": forget}, "pre_ablation": {"forget": 2.5},
         "attacks": {b: attack for b in sweep.BUDGETS}, "parameters": 1000, "tokens_trained": 5000,
         "curves": {"step": [10, 20], "retain": [3.0, 2.5], "forget": [3.5, 3.0]},
-        "data": {"vocab_size": 1024, "batch_size": 16, "max_tokens": 128, "train_stories": 10, "train_forget_stories": 2,
-                 "forget_token_fraction": 0.15, "retain_val_stories": 4, "forget_val_stories": 4,
-                 "attack_pool_stories": 8},
+        "data": {"vocab_size": 1024, "batch_size": 16, "max_tokens": 128, "train_stories": 10,
+                 "train_forget_stories": 2, "forget_token_fraction": 0.15, "retain_val_stories": 4,
+                 "forget_val_stories": 4, "attack_pool_stories": 8},
     }  # fmt: skip
 
 

@@ -137,8 +137,8 @@ class BilingualEvaluation(UnlearningEvaluation):
         if not wanted:
             raise ValueError(
                 f"{who}: SGTM needs a GradientRoutingCallback with labels forget and retain_masked, no expansion "
-                "and not ablate='dedicated' (this evaluation zeroes its forget units), ERA one with expansions and ablate='contract', the other "
-                "methods none"
+                "and not ablate='dedicated' (this evaluation zeroes its forget units), ERA one with expansions and "
+                "ablate='contract', the other methods none"
             )
         if (self.method == "token_filtering") != (pl_module.token_filter_threshold is not None):
             raise ValueError(f"{who}: token filtering, and only it, sets the model's token_filter_threshold")
@@ -185,7 +185,8 @@ class BilingualEvaluation(UnlearningEvaluation):
         std = pl_module.model.config.initializer_range
         generator = torch.Generator().manual_seed(dm.hparams.seed)
         with torch.no_grad():
-            for matrix in (pl_module.model.get_input_embeddings().weight, pl_module.model.get_output_embeddings().weight):
+            model = pl_module.model
+            for matrix in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
                 fresh = torch.randn((len(rows), matrix.shape[1]), generator=generator) * std
                 matrix[rows] = fresh.to(matrix)
         return len(rows)
