@@ -229,12 +229,30 @@ class BilingualDataModule(StoryDataModule):
         assert self.windows is not None and self.window_flags is not None
         return window_loader(self, self.windows, self.window_flags, self.collate_windows)
 
+    def vocabulary_sharing(self) -> dict[str, Any]:
+        """How much of the vocabulary the languages share, from the training stories: the token types English uses,
+        how many of them Russian uses too, and the fraction of English token occurrences whose token is mostly
+        English (retain weight below 0.5: the rows ``reset_forget_rows`` re-draws)."""
+        splits = self._require_splits()
+        assert self.token_weights is not None
+        english = torch.cat([torch.tensor(ids[1:]) for ids, f in zip(splits.train, splits.train_forget) if f])
+        russian = torch.cat([torch.tensor(ids[1:]) for ids, f in zip(splits.train, splits.train_forget) if not f])
+        english_types, russian_types = set(english.unique().tolist()), set(russian.unique().tolist())
+        return {
+            "english_token_types": len(english_types),
+            "english_token_types_also_in_russian": len(english_types & russian_types),
+            "english_occurrences_of_mostly_english_tokens": round(
+                float((self.token_weights[english] < 0.5).float().mean()), 4
+            ),
+        }
+
     @override
     def summary(self) -> dict[str, Any]:
-        """The story counts of :meth:`StoryDataModule.summary` plus the packed windows' token counts."""
+        """The story counts of :meth:`StoryDataModule.summary`, the packed windows' token counts and
+        :meth:`vocabulary_sharing`."""
         assert self.window_flags is not None
         tokens = self.window_flags[:, 1:].float()  # predicted tokens
-        return super().summary() | {
+        return super().summary() | self.vocabulary_sharing() | {
             "forget_language": "english",
             "romanised": self.hparams.romanise,
             "recall": self.hparams.recall,
