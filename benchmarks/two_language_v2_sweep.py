@@ -154,9 +154,9 @@ def plan(seeds: list[int]) -> list[tuple[int, list[Cell]]]:
     routed = ["data_filtering", "token_filtering", "sgtm", "era"]
     return [
         (1, cells(MAIN_SIZE, full, [1.0, 0.9])),
-        (2, cells(MAIN_SIZE, ["sgtm_reset_rows"], [1.0, 0.9]) + cells(MAIN_SIZE, routed, [0.99, 0.5])),
-        (3, cells("0.09M", core, [1.0, 0.9])),
-        (4, cells("1.1M", core, [0.9])),
+        (2, cells("0.09M", core, [1.0, 0.9])),
+        (3, cells("1.1M", core, [0.9])),
+        (4, cells(MAIN_SIZE, ["sgtm_reset_rows"], [1.0, 0.9]) + cells(MAIN_SIZE, routed, [0.99, 0.5])),
         (5, cells("1.1M", core[2:], [1.0]) + cells("0.09M", core[2:], [0.99, 0.5])),
     ]
 
