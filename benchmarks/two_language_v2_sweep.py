@@ -427,7 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.render_only:
         for number, cells in phase_cells(args.phases, args.seeds):
             for cell in cells:
-                run_cell(cell, args.runs_dir, args.results_dir, do_commit=not args.no_commit)
+                try:
+                    run_cell(cell, args.runs_dir, args.results_dir, do_commit=not args.no_commit)
+                except subprocess.CalledProcessError:  # go on with the next cell; a rerun retries this one
+                    print(f"{cell.name}: FAILED, see {args.runs_dir / cell.name / 'log.txt'}", flush=True)
             files = render(args.results_dir, args.out, command)
             if files and not args.no_commit:
                 commit(files, f"two-language v2 sweep: table and plot after phase {number}, from the committed runs")
