@@ -235,15 +235,13 @@ class BilingualDataModule(StoryDataModule):
         English (retain weight below 0.5: the rows ``reset_forget_rows`` re-draws)."""
         splits = self._require_splits()
         assert self.token_weights is not None
-        english = torch.cat([torch.tensor(ids[1:]) for ids, f in zip(splits.train, splits.train_forget) if f])
-        russian = torch.cat([torch.tensor(ids[1:]) for ids, f in zip(splits.train, splits.train_forget) if not f])
-        english_types, russian_types = set(english.unique().tolist()), set(russian.unique().tolist())
-        return {
-            "english_token_types": len(english_types),
-            "english_token_types_also_in_russian": len(english_types & russian_types),
-            "english_occurrences_of_mostly_english_tokens": round(
-                float((self.token_weights[english] < 0.5).float().mean()), 4
-            ),
+        english = [t for ids, f in zip(splits.train, splits.train_forget) if f for t in ids[1:]]
+        russian = {t for ids, f in zip(splits.train, splits.train_forget) if not f for t in ids[1:]}
+        mostly_english = (self.token_weights[torch.tensor(english, dtype=torch.long)] < 0.5).float()
+        return {  # data filtering at recall 1 trains on no English: no types, no occurrences
+            "english_token_types": len(set(english)),
+            "english_token_types_also_in_russian": len(set(english) & russian),
+            "english_occurrences_of_mostly_english_tokens": round(float(mostly_english.mean()), 4) if english else None,
         }
 
     @override
