@@ -11,8 +11,8 @@ A generated table sits between two markers in a README (or any markdown file lis
     ...
     <!-- /results -->
 
-The source is a committed results ``.md`` (path relative to the repository root) that the command named in its
-header writes; every sweep and benchmark here renders its JSON to one. Options, all optional:
+The source is a committed results file (path relative to the repository root). A ``.md`` (what every sweep and
+benchmark here writes beside its JSON, with the command in its header) gives one of its tables; options:
 
 - ``table=N``: the N-th markdown table of the source (1-based; default 1);
 - ``where="header=v1|v2"``: keep only the rows whose cell in that column is one of the values;
@@ -20,17 +20,25 @@ header writes; every sweep and benchmark here renders its JSON to one. Options, 
 - ``pivot="row|column|value"``: one row per distinct ``row`` cell, one column per distinct ``column`` cell (in
   order of appearance), the ``value`` cells inside; a missing combination is ``—``.
 
-Cells are copied verbatim, never recomputed: the source file is the only place a number is formatted.
+Its cells are copied verbatim, never recomputed. A ``.json`` (a run's ``results.json``) gives a table of values:
+
+- ``under="a.b"`` (required): the dotted path of an object (one row per key, the key first, under the header
+  ``label="..."``, default ``key``) or of a list (one row per element);
+- ``rows="k1|k2"``: the object's keys to show, in this order (default: all);
+- ``columns="x|y.z"``: dotted paths inside each row's value, one column each (header: the path);
+- ``digits=N``: print floats with N decimals (default: as JSON writes them).
 ``tests/test_readme_numbers.py`` asserts that regenerating every README gives exactly what is committed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 READMES = ("README.md", "benchmarks/README.md", *sorted(
@@ -74,13 +82,42 @@ def column(table: Table, name: str, spec: str) -> int:
     return table[0].index(name)
 
 
+def dig(value: Any, path: str, spec: str) -> Any:
+    for key in path.split("."):
+        if isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        elif isinstance(value, dict) and key in value:
+            value = value[key]
+        else:
+            raise ValueError(f"{spec}: no {path!r} in the results file")
+    return value
+
+
+def json_table(path: str, opts: dict[str, str], spec: str) -> Table:
+    """A table of the values under ``opts["under"]`` of a JSON results file (see the module docstring)."""
+    under = dig(json.loads((ROOT / path).read_text()), opts["under"], spec)
+    if isinstance(under, dict):
+        keys = opts["rows"].split("|") if "rows" in opts else list(under)
+        items = [([key], dig(under, key, spec)) for key in keys]
+        header = [opts.get("label", "key")]
+    else:
+        items, header = [([], item) for item in under], []
+    columns = opts["columns"].split("|")
+    cell = lambda v: f"{v:.{opts['digits']}f}" if "digits" in opts and isinstance(v, float) else json.dumps(v)
+    return [header + columns] + [first + [cell(dig(value, c, spec)) for c in columns] for first, value in items]
+
+
 def build(spec: str) -> str:
     """The markdown table a marker's ``spec`` (``path key=value ...``) stands for."""
     path, *options = shlex.split(spec)
     opts = dict(o.split("=", 1) for o in options)
-    unknown = set(opts) - {"table", "where", "columns", "pivot"}
+    is_json = path.endswith(".json")
+    allowed = {"under", "rows", "columns", "label", "digits"} if is_json else {"table", "where", "columns", "pivot"}
+    unknown = set(opts) - allowed
     if unknown:
         raise ValueError(f"{spec}: unknown option(s) {sorted(unknown)}")
+    if is_json:
+        return render(json_table(path, opts, spec))
     tables = tables_of((ROOT / path).read_text())
     index = int(opts.get("table", 1))
     if not 1 <= index <= len(tables):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -22,7 +23,8 @@ def test_readme_tables_match_their_results_files(name: str) -> None:
 
 def test_the_readmes_carry_generated_tables() -> None:
     blocks = {name: len(readme_tables.BLOCK.findall((ROOT / name).read_text())) for name in readme_tables.READMES}
-    assert all(blocks[f"recipes/{r}/README.md"] for r in ("cifar", "gridworld", "mnist", "tinystories")), blocks
+    recipes = ("cifar", "gridworld", "mnist", "steering", "tinystories", "token_unlearning")
+    assert all(blocks[f"recipes/{r}/README.md"] for r in recipes), blocks
 
 
 def test_a_changed_number_is_put_back_and_options_select_pivot_and_filter(tmp_path: Path) -> None:
@@ -42,3 +44,17 @@ def test_a_changed_number_is_put_back_and_options_select_pivot_and_filter(tmp_pa
         readme_tables.build(f'{source} columns="nope"')
     with pytest.raises(ValueError, match="has 2 table"):
         readme_tables.build(f"{source} table=3")
+
+
+def test_a_json_results_file_gives_rows_of_an_object_or_a_list(tmp_path: Path) -> None:
+    source = tmp_path / "results.json"
+    source.write_text(json.dumps({"stages": {"a": {"x": 0.123456, "y": {"z": 1}}, "b": {"x": -0.5, "y": {"z": 2}}},
+                                  "runs": [{"x": 1.0}, {"x": 2.5}]}))
+    assert readme_tables.build(f'{source} under=stages rows="b|a" label=stage columns="x|y.z"').splitlines() == [
+        "| stage | x | y.z |", "|---|---|---|", "| b | -0.5 | 2 |", "| a | 0.123456 | 1 |"
+    ]
+    assert readme_tables.build(f'{source} under=runs columns="x" digits=2').splitlines()[2:] == ["| 1.00 |", "| 2.50 |"]
+    with pytest.raises(ValueError, match="no 'y.w'"):
+        readme_tables.build(f'{source} under=stages columns="y.w"')
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['table'\]"):
+        readme_tables.build(f"{source} under=runs columns=x table=2")
