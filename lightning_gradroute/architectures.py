@@ -251,12 +251,8 @@ class Part:
         """Every weight and bias of this part's units, with the dim and the unit of each index along it."""
         if self.component == "neurons":
             return self._neuron_params()
-        if self.component == "heads":
-            return self._head_params()
-        raise ValueError(
-            f"{self.where}: {self.component} have no parameters of their own that parameter routing supports; "
-            "route them with an activation Target"
-        )
+        assert self.component == "heads", "ParameterTarget admits neurons and heads only"
+        return self._head_params()
 
     def _neuron_params(self) -> list[ParamUnits]:
         assert isinstance(self.layout, MLPLayout)

@@ -268,6 +268,11 @@ class ParameterTarget:
         where = f"ParameterTarget {self.params or self.modules!r}"
         if self.component is not None:
             _check_component(self.component, where)
+            if self.component not in ("neurons", "heads"):
+                raise ValueError(
+                    f"{where}: component {self.component!r} has no parameters of its own that parameter routing "
+                    "covers (it does 'neurons' and 'heads'); route it with an activation Target"
+                )
             if self.params or not self.modules or self.dim != 0:
                 raise ValueError(
                     f"{where}: with component {self.component!r}, give modules= (the blocks or MLPs / attention "

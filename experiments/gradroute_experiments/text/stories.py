@@ -18,6 +18,7 @@ packed into one token stream, split into the sets an unlearning experiment needs
 from __future__ import annotations
 
 import abc
+import gzip
 import itertools
 import re
 from collections.abc import Iterator, Sequence
@@ -59,8 +60,14 @@ def tinystories_sample(data_dir: str | None) -> Path:
 
 
 def read_stories(path: str | Path) -> list[str]:
-    """Stories of a TinyStories text file: split on lines equal to ``<|endoftext|>``, stripped, empty ones dropped."""
-    text = Path(path).read_text(encoding="utf-8")
+    """Stories of a TinyStories text file (gzipped if its name ends in ``.gz``): split on lines equal to
+    ``<|endoftext|>``, stripped, empty ones dropped."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as file:
+            text = file.read()
+    else:
+        text = path.read_text(encoding="utf-8")
     return [story.strip() for story in _SEPARATOR.split(text) if story.strip()]
 
 

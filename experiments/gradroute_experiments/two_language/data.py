@@ -32,7 +32,7 @@ The shuffles, the held-out split, the token statistics and the held-out batches 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from gradroute_experiments.text.checks import require_file, require_fraction, re
 from gradroute_experiments.text.stories import pack_stories, read_stories, tinystories_sample
 from gradroute_experiments.text.story_module import StoryDataModule, StorySettings
 
-__all__ = ["FORGET_FILE", "TwoLanguageDataModule", "is_russian"]
+__all__ = ["FORGET_FILE", "TwoLanguageDataModule", "is_russian", "window_loader"]
 
 FORGET_FILE = "tinystories_ru_sample.txt"
 _CYRILLIC = re.compile("[\u0400-\u04ff]")
@@ -54,6 +54,22 @@ _CYRILLIC = re.compile("[\u0400-\u04ff]")
 def is_russian(text: str) -> bool:
     """Whether ``text`` contains a Cyrillic letter (U+0400-U+04FF)."""
     return _CYRILLIC.search(text) is not None
+
+
+def window_loader(
+    module: StoryDataModule, windows: Tensor, flags: Tensor, collate: Callable[[Any], dict[str, Tensor]]
+) -> DataLoader:
+    """The training loader of packed ``windows`` and their per-token ``flags``: shuffled with the module's
+    ``hparams.seed``, ``hparams.batch_size`` windows per batch made by ``collate``."""
+    return DataLoader(
+        TensorDataset(windows, flags),
+        batch_size=module.hparams.batch_size,
+        shuffle=True,
+        drop_last=len(windows) >= module.hparams.batch_size,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(module.hparams.seed),
+        num_workers=module.hparams.num_workers,
+    )
 
 
 class TwoLanguageDataModule(StoryDataModule):
@@ -182,15 +198,7 @@ class TwoLanguageDataModule(StoryDataModule):
     def train_dataloader(self) -> DataLoader:
         self._require_splits()
         assert self.windows is not None and self.window_flags is not None
-        return DataLoader(
-            TensorDataset(self.windows, self.window_flags),
-            batch_size=self.hparams.batch_size,
-            shuffle=True,
-            drop_last=len(self.windows) >= self.hparams.batch_size,
-            collate_fn=self.collate_windows,
-            generator=torch.Generator().manual_seed(self.hparams.seed),
-            num_workers=self.hparams.num_workers,
-        )
+        return window_loader(self, self.windows, self.window_flags, self.collate_windows)
 
     @override
     def summary(self) -> dict[str, Any]:
