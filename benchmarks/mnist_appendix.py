@@ -5,7 +5,11 @@ in a subprocess; the script reads each run's ``results.json`` and aggregates lik
 ``analyze_runs_for_paper_main.py``: per setting and digit group, the mean over all (run x digit) rows of the
 per-digit test MSE, with the 95% half-width 1.96 * std / sqrt(n).
 
-    python benchmarks/mnist_appendix.py --seeds 0 1 2 --jobs 2          # writes benchmarks/results/mnist_appendix.md
+    python benchmarks/mnist_appendix.py --seeds 0 1 2 --jobs 2    # writes benchmarks/results/mnist_appendix.{md,json}
+
+Besides the aggregate tables, the report has one row per run (each certificate's error on its own digits, on the
+others, and their ratio) and the per-digit errors of the first seed of settings 1 and 9, which at the quick scale
+are ``recipes/mnist/split.yaml`` and ``control.yaml``; the JSON holds every run's ``results.json``.
 
 The base recipe fixes the scale (default: the quick ``recipes/mnist/split.yaml``); ``--epochs`` overrides its
 epoch count. Extra ``gradroute`` arguments go after ``--``.
@@ -14,6 +18,7 @@ epoch count. Extra ``gradroute`` arguments go after ``--``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +69,26 @@ def code_table(settings: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def run_table(names: list[str], seeds: list[int], results: list[dict]) -> list[str]:
+    """One row per run: each certificate's mean MSE on its own digits and on the others, and their ratio."""
+    lines = ["| setting | seed | certificate | own digits | MSE own | MSE other | other / own |", "|" + "---|" * 7]
+    for name, seed, result in zip(names, seeds, results):
+        for c in result["certificates"]:
+            own = f"{c['own_digits'][0]}-{c['own_digits'][-1]}"
+            lines.append(
+                f"| {name} | {seed} | dims {c['code_dims']} | {own} | {c['own_mse']:.3f} | {c['other_mse']:.3f} "
+                f"| {c['other_to_own_ratio']:.2f} |"
+            )
+    return lines
+
+
+def per_digit_table(result: dict) -> list[str]:
+    """Per-digit test MSE of the decoder, each certificate and the mean test image (one run)."""
+    errors = result["per_digit_mse"]
+    lines = ["| output | " + " | ".join(map(str, range(10))) + " |", "|" + "---|" * 11]
+    return lines + [f"| {output} | " + " | ".join(f"{e:.3f}" for e in errors[output]) + " |" for output in errors]
+
+
 def setting_title(overlay: Path) -> str:
     """The setting's name from the overlay's comment line '# Appendix setting N, "name": ...'."""
     for line in overlay.read_text().splitlines():
@@ -90,9 +115,17 @@ def main() -> None:
     jobs = [(o, s) for o in overlays for s in args.seeds]
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda job: run_one(args.base, job[0], job[1], args.runs_dir, extra), jobs))
+    names = [f"{int(overlay.stem[:2])}. {setting_title(overlay)}" for overlay, _ in jobs]
     settings: dict[str, list[dict]] = {}
-    for (overlay, _), result in zip(jobs, results):
-        settings.setdefault(f"{int(overlay.stem[:2])}. {setting_title(overlay)}", []).append(result)
+    for name, result in zip(names, results):
+        settings.setdefault(name, []).append(result)
+    first_seed = {name: r for name, (_, seed), r in zip(names, jobs, results) if seed == args.seeds[0]}
+    per_digit = [
+        line
+        for name, result in first_seed.items()
+        if name.split(".")[0] in ("1", "9")
+        for line in (f"Per-digit test MSE, setting {name}, seed {args.seeds[0]}:", "", *per_digit_table(result), "")
+    ]
     scale = results[0]["scale"]
     seconds = [fit_seconds(args.runs_dir / o.stem / f"seed_{s}") for o, s in jobs]
     wall, cpu = [t["wall"] for t in seconds], [t["cpu"] for t in seconds]
@@ -101,6 +134,7 @@ def main() -> None:
         "",
         f"Produced by `python benchmarks/mnist_appendix.py --seeds {' '.join(map(str, args.seeds))} --jobs {args.jobs}"
         + (f" --epochs {args.epochs}" if args.epochs else "")
+        + (f" --settings {' '.join(args.settings)}" if args.settings else "")
         + (f" -- {' '.join(args.extra)}" if args.extra else "")
         + f"` on base `{args.base.relative_to(ROOT)}`.",
         "",
@@ -131,11 +165,21 @@ def main() -> None:
         "",
         *code_table(settings),
         "",
+        "Each run: a certificate's mean MSE over its own digits and over the others (each digit counts once).",
+        "",
+        *run_table(names, [seed for _, seed in jobs], results),
+        "",
+        *per_digit,
         "What these numbers say (and why settings 3 and 4 fail at this scale): `recipes/mnist/README.md`.",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))
+    runs = [
+        {"setting": name, "seed": seed, "seconds": t, "results": r}
+        for name, (_, seed), t, r in zip(names, jobs, seconds, results)
+    ]
+    args.out.with_suffix(".json").write_text(json.dumps({"command": lines[2], "runs": runs}, indent=1) + "\n")
     print("\n".join(lines))
 
 

@@ -253,6 +253,17 @@ def test_model_validates_its_arguments() -> None:
         MNISTSplitAutoencoder(hidden_sizes=())
 
 
+def test_correlation_penalty_standardises_with_the_unbiased_std_as_the_reference() -> None:
+    # The reference's normalize() divides by Tensor.std (Bessel-corrected); the population std would make the
+    # penalty N/(N-1) stronger (8/7 at this batch). Written out with torch.std(correction=1), not the helper.
+    torch.manual_seed(0)
+    code = torch.randn(8, 6) * torch.tensor([1.0, 2.0, 0.5, 3.0, 1.5, 0.2]) + 0.7
+    standard = (code - code.mean(0)) / torch.std(code, dim=0, correction=1)
+    first, second = standard[:, :3], standard[:, 3:]
+    direct = torch.stack([(first[:, i] * second[:, j]).sum() / 8 for i in range(3) for j in range(3)])
+    torch.testing.assert_close(correlation_penalty(code), direct.abs().mean())
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 def test_per_digit_errors_and_split_summary_match_a_direct_computation() -> None:
     torch.manual_seed(2)

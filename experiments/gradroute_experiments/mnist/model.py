@@ -44,11 +44,11 @@ def mlp(sizes: Sequence[int], last_bias: bool = True) -> nn.Sequential:
 def correlation_penalty(code: Tensor) -> Tensor:
     """Mean absolute cross-correlation, over the batch, between the dims of the code's two halves.
 
-    Each dim is standardised over the batch (population std; a tiny floor keeps dead dims from dividing by
-    zero, where the paper uses none), then ``mean(|A^T B| / N)`` for halves ``A`` and ``B``.
+    Each dim is standardised over the batch with the unbiased std (``Tensor.std``'s default, as the reference
+    code's ``normalize``; a tiny floor keeps dead dims from dividing by zero, where the paper adds an epsilon
+    of 0), then ``mean(|A^T B| / N)`` for halves ``A`` and ``B``.
     """
-    centred = code - code.mean(0)
-    standard = centred / centred.pow(2).mean(0).sqrt().clamp_min(1e-12)
+    standard = (code - code.mean(0)) / code.std(0, correction=1).clamp_min(1e-12)
     first, second = standard.chunk(2, dim=1)
     return (first.T @ second / code.shape[0]).abs().mean()
 

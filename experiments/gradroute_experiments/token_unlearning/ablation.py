@@ -1,12 +1,13 @@
 """Ablate MLP neurons of an existing model: zero every weight that computes them and every weight that reads them.
 
 The paper's virology model routes its concept tokens to neurons 0–79 of the MLPs of blocks 0–7 and then removes
-those neurons. Its reference evaluation got the removal wrong twice (see ``paper-experiments.md`` §5): it rebuilt
-the range with ``max(dims)`` as an *exclusive* bound (neuron 79 stayed), and zeroed only column 0 of the input
-weight rows, so the neurons kept computing and regrew. :func:`ablate_neurons` zeroes, for each selected neuron,
-its row in every layer that computes it (weight and bias) and its column in every layer that reads it, so its
-activation is exactly 0 for every input (``gelu(0) = silu(0) = 0``) and every gradient that could revive it is
-exactly 0 too: fine-tuning afterwards (AdamW included) leaves the ablated weights at 0.
+those neurons. Its reference evaluation (``projects/nanoGPT-factrep/coherence_ft_and_retrain_evals.py`` in
+``kxcloud/gradient-routing``) got the removal wrong twice: it rebuilt the range with ``max(dims)`` as an
+*exclusive* bound (neuron 79 stayed), and zeroed only column 0 of the input weight rows, so the neurons kept
+computing and regrew. :func:`ablate_neurons` zeroes, for each selected neuron, its row in every layer that computes
+it (weight and bias) and its column in every layer that reads it, so its activation is exactly 0 for every input
+(``gelu(0) = silu(0) = 0``) and every gradient that could revive it is exactly 0 too: fine-tuning afterwards (AdamW
+included) leaves the ablated weights at 0.
 
 Units are written as in routes (:func:`~lightning_gradroute.targets.unit_indices`): ``"0:80"`` is neurons 0 to
 79, **80 neurons**, the same slice a ``Route`` uses for them.
