@@ -49,9 +49,11 @@ __all__ = [
     "find_parts",
     "is_conv1d",
     "layer_features",
+    "linear_layer",
     "parameter_problem",
     "register_architecture",
     "site_problem",
+    "submodule",
     "weight_dim",
 ]
 
@@ -191,6 +193,23 @@ def layer_features(layer: nn.Module, side: Literal["out", "in"]) -> int:
     return weight.shape[out_dim if side == "out" else 1 - out_dim]
 
 
+def submodule(module: nn.Module, name: str, where: str) -> nn.Module:
+    """``module.get_submodule(name)``, or an error starting with ``where`` that lists the children."""
+    try:
+        return module.get_submodule(name)
+    except AttributeError:
+        children = ", ".join(n for n, _ in module.named_children())
+        raise ValueError(f"{where}: no submodule {name!r} (children: {children})") from None
+
+
+def linear_layer(module: nn.Module, name: str, where: str) -> nn.Module:
+    """The ``nn.Linear`` or HF ``Conv1D`` called ``name`` inside ``module``."""
+    layer = submodule(module, name, where)
+    if not isinstance(layer, nn.Linear) and not is_conv1d(layer):
+        raise ValueError(f"{where}: {name!r} is a {type(layer).__name__}, not an nn.Linear or HF Conv1D")
+    return layer
+
+
 def weight_dim(layer: nn.Module, side: Literal["out", "in"]) -> int:
     """The dim of the layer's weight that indexes its output (``"out"``) or input (``"in"``) features."""
     if isinstance(layer, nn.Embedding):
@@ -212,13 +231,7 @@ class Part:
         return f"{self.name}.{path}" if self.name else path
 
     def layer(self, path: str) -> nn.Module:
-        try:
-            layer = self.module.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"{self.where}: the layout names {path!r}, which it does not have") from None
-        if not isinstance(layer, nn.Linear) and not is_conv1d(layer):
-            raise ValueError(f"{self.where}: {path!r} is a {type(layer).__name__}, not an nn.Linear or HF Conv1D")
-        return layer
+        return linear_layer(self.module, path, self.where)
 
     @property
     def where(self) -> str:

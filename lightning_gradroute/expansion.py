@@ -61,6 +61,8 @@ from lightning_gradroute.architectures import (
     find_parts,
     is_conv1d,
     layer_features,
+    linear_layer,
+    submodule,
 )
 from lightning_gradroute.era import EraState, ExpansionRecord, Phase, era_state, set_era_state, spec_hash
 from lightning_gradroute.new_units import NewUnits, Role, Segments, add_new_units
@@ -168,29 +170,11 @@ class _Plan:
     attrs: dict[str, int] = field(default_factory=dict)  # attributes of the matched module to set
 
 
-def _submodule(module: nn.Module, name: str, where: str) -> nn.Module:
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        children = ", ".join(n for n, _ in module.named_children())
-        raise ValueError(f"{where}: no submodule {name!r} (children: {children})") from None
-
-
-def _layer(module: nn.Module, name: str, where: str) -> nn.Module:
-    """The ``nn.Linear`` or HF ``Conv1D`` called ``name`` inside ``module``."""
-    layer = _submodule(module, name, where)
-    if not isinstance(layer, nn.Linear) and not is_conv1d(layer):
-        raise ValueError(f"{where}: {name!r} is a {type(layer).__name__}, not an nn.Linear or HF Conv1D")
-    return layer
-
-
-
-
 def _neurons(up: Sequence[str], down: Sequence[str], between: Sequence[str]) -> Callable[..., _Plan]:
     def plan(module: nn.Module, expansion: Expansion, where: str) -> _Plan:
-        layers = {name: _layer(module, name, where) for name in (*up, *down)}
+        layers = {name: linear_layer(module, name, where) for name in (*up, *down)}
         for name in between:
-            _submodule(module, name, where)
+            submodule(module, name, where)
         sizes = {f"{n}.out": layer_features(layers[n], "out") for n in up}
         sizes |= {f"{n}.in": layer_features(layers[n], "in") for n in down}
         if len(set(sizes.values())) != 1:
@@ -212,7 +196,7 @@ def _head_dim(module: nn.Module, where: str) -> int:
 def _separate_heads(q: str, k: str, v: str, out: str, heads_attr: str | None) -> Callable[..., _Plan]:
     def plan(module: nn.Module, expansion: Expansion, where: str) -> _Plan:
         head_dim = _head_dim(module, where)
-        layers = {name: _layer(module, name, where) for name in (q, k, v, out)}
+        layers = {name: linear_layer(module, name, where) for name in (q, k, v, out)}
         q_size, kv_size = layer_features(layers[q], "out"), layer_features(layers[k], "out")
         heads, kv_heads = q_size // head_dim, kv_size // head_dim
         if q_size % head_dim or kv_size % head_dim or heads % kv_heads or layer_features(layers[out], "in") != q_size:
@@ -235,7 +219,7 @@ def _gpt2_heads(module: nn.Module, expansion: Expansion, where: str) -> _Plan:
     head_dim = _head_dim(module, where)
     if getattr(module, "is_cross_attention", False):
         raise ValueError(f"{where}: cross-attention GPT-2 layers are not supported by preset 'gpt2_attn'")
-    c_attn, c_proj = _layer(module, "c_attn", where), _layer(module, "c_proj", where)
+    c_attn, c_proj = linear_layer(module, "c_attn", where), linear_layer(module, "c_proj", where)
     width = layer_features(c_proj, "in")
     if layer_features(c_attn, "out") != 3 * width or width % head_dim or getattr(module, "split_size", None) != width:
         raise ValueError(f"{where}: c_attn ({layer_features(c_attn, 'out')}) is not a fused q/k/v of c_proj's {width}")
@@ -276,8 +260,6 @@ PRESETS: dict[str, Callable[..., _Plan]] = {
     "qwen2_attn": _preset("Qwen2Attention", "heads"),
 }
 _PRESET_LAYER_TYPES = {"gpt2_mlp": "Conv1D", "gpt_neo_mlp": "Linear", "gpt2_attn": "Conv1D"}
-
-
 
 
 # ----------------------------------------------------------------------------------------------- expand

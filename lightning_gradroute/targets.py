@@ -38,7 +38,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_gradroute.architectures import COMPONENTS, is_conv1d, weight_dim
+from lightning_gradroute.architectures import COMPONENTS, is_conv1d, layer_features, weight_dim
 
 __all__ = [
     "ForwardMask",
@@ -666,8 +666,6 @@ def feature_size_hint(module: nn.Module, site: str, feature_dim: int = -1) -> in
         return module.embedding_dim
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.normalized_shape:
         return module.normalized_shape[-1]
-    conv1d = getattr(module, "nf", None)  # HF GPT-2 Conv1D: weight (in, out)
-    if conv1d is not None and type(module).__name__ == "Conv1D":
-        w: torch.Tensor = module.weight  # type: ignore[assignment]
-        return w.shape[1] if site == "output" else w.shape[0]
+    if is_conv1d(module):  # HF GPT-2 Conv1D: weight (in, out)
+        return layer_features(module, "out" if site == "output" else "in")
     return None

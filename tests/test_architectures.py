@@ -1,8 +1,8 @@
 """Units by meaning (components), and the configurations that would route something other than what they say.
 
 Every component is checked against an independent computation: per-token gradients weighted by hand from an
-unrouted pass for parameter routing, a hand-written gradient hook for activation routing. Every refusal is a case that routed the
-wrong units without a word before components existed.
+unrouted pass for parameter routing, a hand-written gradient hook for activation routing. Every refusal is a case
+that routed the wrong units without a word before components existed.
 """
 
 from __future__ import annotations
