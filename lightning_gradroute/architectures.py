@@ -400,7 +400,11 @@ def site_problem(
         return (f"{type(module).__name__} values are (B, C, ...): feature_dim=-1 indexes the last spatial dim, not "
                 "channels; set feature_dim=1 (or component='channels')")
     for owner_name, owner, rel in _ancestors(model, name):
-        if not sequence_first and _is_sequence_first(owner):
+        layout_order = _is_sequence_first(owner)
+        if layout_order is not None and layout_order != sequence_first:
+            if sequence_first:
+                return (f"sequence_first=True, but it runs batch-first inside {owner_name or 'the model'!r} "
+                        f"({type(owner).__name__}, batch_first=True); drop sequence_first")
             return (f"it runs sequence-first inside {owner_name or 'the model'!r} ({type(owner).__name__}, "
                     "batch_first=False): its values are (T, B, ...) while labels lead with the batch; set "
                     "sequence_first=True on the Target")
@@ -452,11 +456,12 @@ def _ancestors(model: nn.Module, name: str) -> Iterator[tuple[str, nn.Module, st
         yield prefix, model.get_submodule(prefix), ".".join(parts[cut:])
 
 
-def _is_sequence_first(module: nn.Module) -> bool:
+def _is_sequence_first(module: nn.Module) -> bool | None:
+    """Whether a torch.nn transformer module runs sequence-first; ``None`` for modules that do not say."""
     if isinstance(module, (nn.MultiheadAttention, nn.Transformer)):
         return not module.batch_first
     if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         return not module.self_attn.batch_first
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and len(module.layers):
         return _is_sequence_first(module.layers[0])
-    return False
+    return None

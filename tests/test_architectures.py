@@ -351,6 +351,10 @@ def test_sequence_first_values_are_refused_without_sequence_first_and_routed_exa
         GradientRouter({"n": Target("0.linear2", site="input")}, [Route("forget", "n", 0.0)]).attach(model)
     with pytest.raises(ValueError, match=r"sequence-first"):
         GradientRouter({"n": Target("0", component="neurons")}, [Route("forget", "n", 0.0)]).attach(model)
+    batch_first = nn.Sequential(nn.TransformerEncoderLayer(D, 2, dim_feedforward=FF, batch_first=True))
+    with pytest.raises(ValueError, match=r"sequence_first=True, but it runs batch-first inside '0'"):
+        GradientRouter({"n": Target("0.linear2", site="input", sequence_first=True)},
+                       [Route("forget", "n", 0.0)]).attach(batch_first)  # fmt: skip
     x = torch.randn(3, 3, D, dtype=torch.float64)  # (T, B, D), B == T
     labels = torch.tensor([[0, 1, 1], [1, 0, 0], [0, 0, 1]])  # (B, T)
     router = GradientRouter({"n": Target("0.linear2", site="input", sequence_first=True)},
