@@ -1,5 +1,7 @@
 """Every test leaves the process as it found it: the ``gradroute`` CLI flushes denormal floats, and Lightning's
-``seed_everything`` leaves ``PL_GLOBAL_SEED`` in the environment, from which processes spawned later reseed."""
+``seed_everything`` leaves ``PL_GLOBAL_SEED`` in the environment, from which processes spawned later reseed.
+
+Every ``ddp_spawn`` worker ends cleanly: see :class:`helpers.EndCleanly`."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch.multiprocessing
+
+from helpers import EndCleanly
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +24,13 @@ def restore_process_state() -> Iterator[None]:
         os.environ.pop("PL_GLOBAL_SEED", None)
     else:
         os.environ["PL_GLOBAL_SEED"] = seed
+
+
+@pytest.fixture(autouse=True)
+def spawned_workers_end_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    start = torch.multiprocessing.start_processes  # what Lightning's ddp_spawn launcher calls
+
+    def start_processes(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return start(EndCleanly(fn), *args, **kwargs)
+
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", start_processes)

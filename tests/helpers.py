@@ -17,6 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
@@ -29,6 +30,24 @@ HIDDEN = 16
 CLASSES = 4
 VOCAB = 11
 SEQ = 5
+
+
+class EndCleanly:
+    """A ``ddp_spawn`` worker that, once its work is done, waits for every rank and destroys the gloo process group.
+
+    Lightning destroys it at exit only for NCCL. Left to interpreter shutdown, a rank that exits while its peer
+    still holds the group has aborted now and then ("terminate called without an active exception", SIGABRT),
+    after all of its work had finished.
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> None:
+        self.fn(*args)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 #: ``Trainer`` arguments of the 2-process CPU DDP tests (each rank gets its own slice of every global batch).
