@@ -7,6 +7,7 @@ Lightning or PyTorch release that moves it fails that test, not a user's run.
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -22,6 +23,8 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 __all__ = [
     "dump_weights",
+    "function_mode_active",
+    "in_backward",
     "launched_by_multiprocessing",
     "local_slice",
     "state_key",
@@ -86,3 +89,16 @@ def dump_weights(trainer: pl.Trainer) -> dict:
     alone (its private ``_checkpoint_connector.dump_checkpoint``): ``save_checkpoint`` adds a barrier, which would
     make the other ranks wait for rank-0-only work."""
     return trainer._checkpoint_connector.dump_checkpoint(weights_only=True)
+
+
+def in_backward() -> bool:
+    """Whether this thread is running an autograd backward pass now (``torch._C._current_graph_task_id``, -1
+    outside one): where activation checkpointing recomputes a forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def function_mode_active(mode: object) -> bool:
+    """Whether ``mode`` is on this thread's ``TorchFunctionMode`` stack now
+    (``torch.overrides._get_current_function_mode_stack``). The autograd engine runs backward without the modes
+    that were entered when backward was called."""
+    return any(m is mode for m in torch.overrides._get_current_function_mode_stack())

@@ -17,6 +17,15 @@ DDP with different labels per rank, under gradient accumulation, in mixed batche
 of a routed parameter (``W.t()``, ``x @ W``, a layer norm) is an error naming the parameter and the op: it would
 let every item's gradient through.
 
+Activation checkpointing recomputes a forward inside backward, where the autograd engine runs without the
+modes entered in forward. A forward pre-hook on each module holding a routed parameter re-enters the mode around
+that module's recomputed call, so the replay runs the same routed functions and saves the same tensors. With
+``use_reentrant=False`` (what HF ``gradient_checkpointing_enable`` and ``torch.utils.checkpoint`` recommend),
+backward then differentiates the original forward's nodes, with the labels they were given. With
+``use_reentrant=True`` the forward built no graph (it ran without grad) and backward differentiates the replay:
+it routes with the labels the router holds at backward, so call backward while the labels of that forward are
+held (inside :meth:`~lightning_gradroute.GradientRouter.route`; the callback does); without any, backward raises.
+
 Backward also records, per parameter, which units some item was allowed to change since the last optimizer
 step (read by :mod:`lightning_gradroute.optim`) and, for an optimizer that keeps moments per label, each
 label's share of the gradient.
@@ -32,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_gradroute import _compat
 from lightning_gradroute.grad import label_mask, table_rows
 from lightning_gradroute.labels import label_counts, label_membership
 from lightning_gradroute.architectures import find_parts
@@ -63,8 +73,15 @@ def routed_parameter(param: Tensor) -> RoutedParameter | None:
 class RoutedParameter:
     """One routed parameter: its ``(labels, units)`` weight table along ``dim`` and what backward recorded.
 
-    Counters (while labels are set): ``calls`` routed uses in forward, ``backward`` gradients computed. With
-    :attr:`telemetry` on, backward also adds each label's squared gradient norm per unit group to :attr:`grad_sq`.
+    Backward records through autograd, not by side effects (so that a compiled backward records too): each routed
+    node takes the parameter's *sinks*, zero leaf tensors, as inputs and returns what it records as their
+    gradients, which autograd sums into ``sink.grad`` over a step's backwards (accumulation included):
+
+    * :attr:`allowed_sink` ``(labels, units)``: where a label present in the batch has a nonzero weight;
+    * :attr:`label_grads_sink` ``(labels, *param.shape)``, while :attr:`keep_label_grads`: each label's share of
+      the gradient (for an optimizer that keeps moments per label);
+    * :attr:`grad_sq_sink` ``(labels, unit groups)``, while :attr:`telemetry`: each label's squared gradient norm
+      per unit group (:attr:`grad_sq`).
     """
 
     def __init__(
@@ -78,17 +95,52 @@ class RoutedParameter:
         self.param = param
         self.dim = dim
         self.table = weights.to(param.device)
-        self.calls = self.backward = 0
-        #: set by an optimizer that keeps moments per label: backward then records each label's gradient share
-        self.keep_label_grads = False
-        #: set by a router with telemetry: backward then records :attr:`grad_sq`
-        self.telemetry = False
+        #: set by a routed forward (a constant store, which a compiled forward replays without a guard)
+        self.used = False
+        #: set once a step's record showed a gradient reached the parameter
+        self.reached = False
         # The unit groups telemetry reports (:func:`~lightning_gradroute.targets.telemetry_groups`); default "all".
         names, matrix = groups if groups is not None else (["all"], torch.ones(weights.shape[1], 1))
         self.group_names, self._group_matrix = names, matrix.to(param.device)
-        self.grad_sq: Tensor | None = None  # (labels, unit groups) squared gradient norms
-        self._allowed: Tensor | None = None
-        self._label_grads: Tensor | None = None
+        self.allowed_sink = _sink(self.num_labels, weights.shape[1], device=self.table.device)
+        self.label_grads_sink: Tensor | None = None
+        self.grad_sq_sink: Tensor | None = None
+
+    @property
+    def keep_label_grads(self) -> bool:
+        """Whether backward records each label's gradient share (set by an optimizer that keeps moments per
+        label)."""
+        return self.label_grads_sink is not None
+
+    @keep_label_grads.setter
+    def keep_label_grads(self, keep: bool) -> None:
+        if keep != self.keep_label_grads:
+            self.label_grads_sink = _sink(self.num_labels, *self.param.shape, device=self.table.device) if keep else None
+
+    @property
+    def telemetry(self) -> bool:
+        """Whether backward records :attr:`grad_sq` (set by a router with telemetry)."""
+        return self.grad_sq_sink is not None
+
+    @telemetry.setter
+    def telemetry(self, on: bool) -> None:
+        if on != self.telemetry:
+            groups = self._group_matrix.shape[1]
+            self.grad_sq_sink = _sink(self.num_labels, groups, device=self.table.device) if on else None
+
+    @property
+    def sinks(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.allowed_sink, self.label_grads_sink, self.grad_sq_sink
+
+    @property
+    def grad_sq(self) -> Tensor | None:
+        """``(labels, unit groups)`` squared gradient norms recorded since the last reset (``None``: none)."""
+        return self.grad_sq_sink.grad if self.grad_sq_sink is not None else None
+
+    @grad_sq.setter
+    def grad_sq(self, value: None) -> None:
+        if self.grad_sq_sink is not None:
+            self.grad_sq_sink.grad = value
 
     @property
     def where(self) -> str:
@@ -118,33 +170,57 @@ class RoutedParameter:
         membership = label_membership(labels, self.num_labels).to(dtype)  # (items, labels)
         return membership.t()[:, :, None] * self.table.to(dtype)[:, None, :]
 
-    def record(self, allowed: Tensor, label_grads: Tensor | None) -> None:
-        """One backward: the units some item was allowed to change (``(units,)``, or ``(labels, units)`` with
-        label gradients) and each label's gradient share ``(labels, *param.shape)``."""
-        self.backward += 1
-        self._allowed = allowed if self._allowed is None else self._allowed | allowed
-        if label_grads is not None:
-            self._label_grads = label_grads if self._label_grads is None else self._label_grads + label_grads
+    def allowed(self, labels: Tensor) -> Tensor:
+        """``(labels, units)``: where a label present among ``labels`` has a nonzero weight (no pass over items)."""
+        present = label_counts(labels, self.num_labels) > 0
+        return (self.table != 0) & present[:, None]
 
-    def record_grad_norms(self, label_grads: Tensor) -> None:
-        """Add each label's squared gradient norm per unit group (``label_grads``: ``(labels, *param.shape)``)."""
+    def grad_norms(self, label_grads: Tensor) -> Tensor:
+        """``(labels, unit groups)``: each label's squared gradient norm per unit group (``label_grads``:
+        ``(labels, *param.shape)``)."""
         square = label_grads.detach().float().square()
         per_unit = square.transpose(1, 1 + self.dim).reshape(self.num_labels, square.shape[1 + self.dim], -1).sum(2)
-        grad_sq = per_unit @ self._group_matrix.to(per_unit.device)
-        self.grad_sq = grad_sq if self.grad_sq is None else self.grad_sq + grad_sq
+        return per_unit @ self._group_matrix.to(per_unit.device)
+
+    def record(self, allowed: Tensor, label_grads: Tensor | None = None) -> None:
+        """Add a record by hand, as a routed backward adds one: the allowed units (``(units,)`` for every label,
+        or ``(labels, units)``) and each label's gradient share ``(labels, *param.shape)``."""
+        allowed = allowed.to(self.allowed_sink.dtype).expand(self.allowed_sink.shape)
+        _add_grad(self.allowed_sink, allowed)
+        if label_grads is not None and self.label_grads_sink is not None:
+            _add_grad(self.label_grads_sink, label_grads)
 
     def pop_step(self) -> tuple[Tensor | None, Tensor | None]:
-        """The allowed units and the label gradients since the last call (for an optimizer step); resets them."""
-        allowed, label_grads = self._allowed, self._label_grads
-        self._allowed = self._label_grads = None
-        return allowed, label_grads
+        """The allowed units (``(units,)``, or ``(labels, units)`` with label gradients) and the label gradients
+        recorded since the last call (for an optimizer step; ``None``: no backward reached the parameter); resets
+        them."""
+        recorded = self.allowed_sink.grad
+        label_grads = self.label_grads_sink.grad if self.label_grads_sink is not None else None
+        for sink in (self.allowed_sink, self.label_grads_sink):
+            if sink is not None:
+                sink.grad = None
+        if recorded is None:
+            return None, label_grads
+        self.reached = True
+        allowed = recorded > 0
+        return (allowed if self.keep_label_grads else allowed.any(0)), label_grads
 
     def coverage_problem(self) -> str | None:
-        if self.calls == 0:
+        if not self.used:
             return f"{self.where} was never used in a routed forward"
-        if self.backward == 0:
+        if not self.reached and self.allowed_sink.grad is None:
             return f"{self.where} received no gradient in backward (its use does not reach the loss)"
         return None
+
+
+def _sink(*shape: int, device: torch.device) -> Tensor:
+    """A zero leaf that records through its gradient; stored as one broadcast zero, so it costs no memory of its
+    own whatever its shape."""
+    return torch.zeros((), device=device).expand(shape).requires_grad_()
+
+
+def _add_grad(sink: Tensor, value: Tensor) -> None:
+    sink.grad = value.detach().clone() if sink.grad is None else sink.grad + value
 
 
 def resolve_routed_parameters(
@@ -268,23 +344,37 @@ def flat_labels(labels: Tensor, items: Sequence[int], where: str) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------ backward math
+#: What a routed node returns for one parameter's sinks (see :class:`RoutedParameter`).
+Records = tuple[Tensor | None, Tensor | None, Tensor | None]
+NO_RECORDS: Records = (None, None, None)
+
+
 def _weighted(
     route: RoutedParameter, labels: Tensor, dtype: torch.dtype, combine: Callable[[Tensor], Tensor]
-) -> Tensor:
-    """``combine(item_weights)`` (a gradient; ``combine`` may overwrite the weights it is given), recording the
-    allowed units and, if kept, each label's share."""
-    # Hard labels: a unit is allowed where a label present in the batch has a nonzero weight (no pass over items).
-    present = None if labels.is_floating_point() else label_counts(labels, route.num_labels) > 0
+) -> tuple[Tensor, Records]:
+    """``combine(item_weights)`` (a gradient; ``combine`` may overwrite the weights it is given) and the records
+    for the route's sinks."""
+    allowed = route.allowed(labels)
     if not route.keep_label_grads and not route.telemetry:
-        weights = route.item_weights(labels, dtype)
-        allowed = (weights != 0).any(0) if present is None else ((route.table != 0) & present[:, None]).any(0)
-        route.record(allowed, None)
-        return combine(weights)
-    shares = route.label_shares(labels, dtype)
-    allowed = (shares != 0).any(1) if present is None else (route.table != 0) & present[:, None]
-    per_label = torch.stack([combine(share) for share in shares])
-    _record_labels(route, allowed, per_label)
-    return per_label.sum(0)
+        return combine(route.item_weights(labels, dtype)), (allowed, None, None)
+    per_label = torch.stack([combine(share) for share in route.label_shares(labels, dtype)])
+    return per_label.sum(0), _label_records(route, allowed, per_label)
+
+
+def _label_records(route: RoutedParameter, allowed: Tensor, per_label: Tensor) -> Records:
+    """The records of a gradient computed per label: its label gradients if kept, its norms with telemetry."""
+    return (
+        allowed,
+        per_label if route.keep_label_grads else None,
+        route.grad_norms(per_label) if route.telemetry else None,
+    )
+
+
+def _records_for(sinks: Sequence[Tensor | None], records: Records) -> Records:
+    """``records`` as gradients of the sinks that exist (in their dtype)."""
+    return tuple(  # type: ignore[return-value]
+        None if sink is None or record is None else record.to(sink.dtype) for sink, record in zip(sinks, records)
+    )
 
 
 class _Autocast:
@@ -301,24 +391,30 @@ class _Autocast:
 
 class _RoutedMatmul(torch.autograd.Function):
     """``F.linear(x, W, b)`` (``linear``: W ``(out, in)``) or ``torch.addmm(b, x, W)`` (W ``(in, out)``, x 2-D)
-    with per-item weight and bias gradients and an untouched input gradient."""
+    with per-item weight and bias gradients and an untouched input gradient; the weight's and the bias's sinks
+    (three each) follow, and receive their records as gradients."""
 
     @staticmethod
     def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-        routes: tuple[RoutedParameter | None, RoutedParameter | None], linear: bool,
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor | None,
+        routes: tuple[RoutedParameter | None, RoutedParameter | None], linear: bool, *sinks: Tensor | None,
     ) -> Tensor:  # fmt: skip
-        ctx.save_for_backward(x, weight, labels)
-        ctx.routes, ctx.linear, ctx.autocast = routes, linear, _Autocast(x.device.type)
+        ctx.save_for_backward(x, weight)
+        # Labels ride on ctx, not among the saved tensors: a checkpointed replay saves only what the original
+        # forward computed, and backward of the original node keeps the labels of its own forward.
+        ctx.labels, ctx.routes, ctx.linear, ctx.autocast = labels, routes, linear, _Autocast(x.device.type)
+        ctx.sinks = sinks
         if linear:
             return F.linear(x, weight, bias)
         return torch.mm(x, weight) if bias is None else torch.addmm(bias, x, weight)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, labels = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         weight_route, bias_route = ctx.routes
+        labels = _labels_of(ctx, weight_route or bias_route)
         grad_x = grad_w = grad_b = None
+        weight_records = bias_records = NO_RECORDS
         with ctx.autocast():
             grad = grad_y.reshape(-1, grad_y.shape[-1])  # (items, out)
             inputs = x.reshape(-1, x.shape[-1])  # (items, in)
@@ -327,39 +423,40 @@ class _RoutedMatmul(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 # An (out, in) gradient; W is (out, in) in F.linear, (in, out) in addmm.
                 if weight_route is None:
-                    grad_w = grad.t().mm(inputs)
+                    grad_w = grad.t().mm(inputs) if ctx.linear else inputs.t().mm(grad)
                 elif (weight_route.dim == 0) == ctx.linear:  # the routed units are the outputs
-                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: m.mul_(grad).t().mm(inputs)
-                                       if ctx.linear else inputs.t().mm(m.mul_(grad)))  # fmt: skip
+                    grad_w, weight_records = _weighted(weight_route, labels, grad.dtype, lambda m: m.mul_(grad).t().mm(
+                        inputs) if ctx.linear else inputs.t().mm(m.mul_(grad)))  # fmt: skip
                 else:  # the routed units are the inputs
-                    grad_w = _weighted(weight_route, labels, grad.dtype, lambda m: grad.t().mm(m.mul_(inputs))
-                                       if ctx.linear else m.mul_(inputs).t().mm(grad))  # fmt: skip
-                if weight_route is None and not ctx.linear:
-                    grad_w = grad_w.t()
+                    grad_w, weight_records = _weighted(weight_route, labels, grad.dtype, lambda m: grad.t().mm(
+                        m.mul_(inputs)) if ctx.linear else m.mul_(inputs).t().mm(grad))  # fmt: skip
             if ctx.needs_input_grad[2]:
                 if bias_route is None:
                     grad_b = grad.sum(0)
                 else:
-                    grad_b = _weighted(bias_route, labels, grad.dtype, lambda m: m.mul_(grad).sum(0))
-        return grad_x, grad_w, grad_b, None, None, None
+                    grad_b, bias_records = _weighted(bias_route, labels, grad.dtype, lambda m: m.mul_(grad).sum(0))
+        records = _records_for(ctx.sinks[:3], weight_records) + _records_for(ctx.sinks[3:], bias_records)
+        return grad_x, grad_w, grad_b, None, None, None, *records
 
 
 class _RoutedEmbedding(torch.autograd.Function):
-    """``F.embedding(ids, W, padding_idx)`` with per-item weight gradients."""
+    """``F.embedding(ids, W, padding_idx)`` with per-item weight gradients; the weight's three sinks follow."""
 
     @staticmethod
     def forward(
-        ctx: Any, ids: Tensor, weight: Tensor, labels: Tensor, route: RoutedParameter, padding_idx: int | None
-    ) -> Tensor:
-        ctx.save_for_backward(ids, labels)
-        ctx.route, ctx.padding_idx, ctx.rows = route, padding_idx, weight.shape[0]
-        ctx.autocast = _Autocast(weight.device.type)
+        ctx: Any, ids: Tensor, weight: Tensor, labels: Tensor | None, route: RoutedParameter,
+        padding_idx: int | None, *sinks: Tensor | None,
+    ) -> Tensor:  # fmt: skip
+        ctx.save_for_backward(ids)
+        ctx.labels, ctx.route, ctx.padding_idx, ctx.rows = labels, route, padding_idx, weight.shape[0]
+        ctx.autocast, ctx.sinks = _Autocast(weight.device.type), sinks
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        ids, labels = ctx.saved_tensors
+        (ids,) = ctx.saved_tensors
         route: RoutedParameter = ctx.route
+        labels = _labels_of(ctx, route)
         flat_ids = ids.reshape(-1)
         grad = grad_y.reshape(flat_ids.numel(), -1)  # (items, features)
 
@@ -371,36 +468,38 @@ class _RoutedEmbedding(torch.autograd.Function):
 
         with ctx.autocast():
             if route.dim == 1:  # features: each item's weights over them
-                grad_w = _weighted(route, labels, grad.dtype, lambda m: scatter(m.mul_(grad)))
+                grad_w, records = _weighted(route, labels, grad.dtype, lambda m: scatter(m.mul_(grad)))
             else:  # vocabulary rows: the weight of the row each item reads
-                grad_w = _row_weighted(route, labels, flat_ids, grad, scatter)
-        return None, grad_w, None, None, None
+                grad_w, records = _row_weighted(route, labels, flat_ids, grad, scatter)
+        return None, grad_w, None, None, None, *_records_for(ctx.sinks, records)
+
+
+def _labels_of(ctx: Any, route: RoutedParameter | None) -> Tensor:
+    """The item labels of a routed node; a replay without labels is only ever differentiated by reentrant
+    checkpointing."""
+    if ctx.labels is None:
+        where = route.where if route is not None else "a routed parameter"
+        raise RuntimeError(
+            f"{where}: recomputed in backward by reentrant activation checkpointing (use_reentrant=True) while no "
+            "labels were held, so its gradient cannot be routed; call backward inside router.route(labels), or use "
+            "use_reentrant=False (HF: gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+            "False}))"
+        )
+    return ctx.labels
 
 
 def _row_weighted(
     route: RoutedParameter, labels: Tensor, ids: Tensor, grad: Tensor, scatter: Callable[[Tensor], Tensor]
-) -> Tensor:
+) -> tuple[Tensor, Records]:
     """Embedding rows routed: item ``i`` reads row ``ids_i``, so its weight is entry ``ids_i`` of its row."""
     membership = label_membership(labels, route.num_labels).to(grad.dtype)  # (items, labels)
     shares = membership * route.table.to(grad.dtype)[:, ids].t()  # (items, labels): label l's share per item
     reads = torch.zeros(route.num_labels, route.param.shape[0], dtype=grad.dtype, device=grad.device)
     touched = reads.index_add_(1, ids, (shares != 0).to(grad.dtype).t()) > 0  # rows read with a nonzero weight
     if not route.keep_label_grads and not route.telemetry:
-        route.record(touched.any(0), None)
-        return scatter(grad * shares.sum(1, keepdim=True))
+        return scatter(grad * shares.sum(1, keepdim=True)), (touched, None, None)
     per_label = torch.stack([scatter(grad * shares[:, label, None]) for label in range(route.num_labels)])
-    _record_labels(route, touched, per_label)
-    return per_label.sum(0)
-
-
-def _record_labels(route: RoutedParameter, allowed: Tensor, per_label: Tensor) -> None:
-    """Record a backward computed per label: its label gradients if kept, its telemetry if on."""
-    if route.keep_label_grads:
-        route.record(allowed, per_label)
-    else:
-        route.record(allowed.any(0), None)
-    if route.telemetry:
-        route.record_grad_norms(per_label)
+    return per_label.sum(0), _label_records(route, touched, per_label)
 
 
 # ------------------------------------------------------------------------------------------------- the mode
@@ -417,26 +516,51 @@ class ParameterRoutingMode(TorchFunctionMode):
         super().__init__()
         self.routes: dict[int, tuple[Tensor, RoutedParameter]] = {id(r.param): (r.param, r) for r in routes}
         self.labels = labels
+        #: the modules whose call, recomputed in backward, the mode was entered for (a plain attribute, not a
+        #: property: dynamo traces the mode)
+        self.replays: list[nn.Module] = []
+
+    def replay_pre_hook(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook on a module holding a routed parameter: in a recomputation inside backward, enter the
+        mode for the module's call (see the module docstring)."""
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled() or not _compat.in_backward():
+            return
+        if _compat.function_mode_active(self):
+            return
+        self.__enter__()
+        self.replays.append(module)
+
+    def replay_post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The forward hook (``always_call``) that leaves what :meth:`replay_pre_hook` entered."""
+        if self.replays and self.replays[-1] is module:
+            self.replays.pop()
+            self.__exit__(None, None, None)
 
     def alias(self, tensor: Tensor, route: RoutedParameter) -> None:
         """Route ``tensor`` (what the module holds in place of the parameter right now) as ``route``."""
         self.routes[id(tensor)] = (tensor, route)
 
     def route_of(self, tensor: Any) -> RoutedParameter | None:
-        entry = self.routes.get(id(tensor)) if isinstance(tensor, Tensor) else None
+        # Only a Parameter can be routed (what a module holds, FSDP2's unsharded ones included); asking id() of any
+        # other tensor would make dynamo guard on the identity of a batch and recompile at every step.
+        entry = self.routes.get(id(tensor)) if isinstance(tensor, nn.Parameter) else None
         return entry[1] if entry is not None and entry[0] is tensor else None
 
     def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if not torch.is_grad_enabled():  # optimizer steps, evaluation, backward formulas
             return func(*args, **kwargs)
-        found = [r for v in (*args, *kwargs.values()) for t in (v if isinstance(v, (list, tuple)) else (v,))
-                 if (r := self.route_of(t)) is not None]  # fmt: skip
+        found = []  # plain loops: dynamo traces them (not a walrus inside a comprehension)
+        for value in (*args, *kwargs.values()):
+            for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                route = self.route_of(tensor)
+                if route is not None:
+                    found.append(route)
         if not found:
             return func(*args, **kwargs)
         labels = self.labels()
         handler = _HANDLERS.get(func)
-        if handler is None or labels is None:
+        if handler is None or (labels is None and not self.replays):
             result = func(*args, **kwargs)
             outputs = result if isinstance(result, (list, tuple)) else (result,)
             if any(isinstance(t, Tensor) and t.requires_grad for t in outputs):
@@ -447,30 +571,48 @@ class ParameterRoutingMode(TorchFunctionMode):
                 )
             return result
         for route in found:
-            route.calls += 1
+            route.used = True
         return handler(self, labels, found[0].where, *args, **kwargs)
 
 
-def _linear(mode: ParameterRoutingMode, labels: Tensor, where: str, input: Tensor, weight: Tensor,
+def _items(mode: ParameterRoutingMode, labels: Tensor | None, items: Sequence[int], where: str) -> Tensor | None:
+    """The flat labels of an op's items; in a replay, ``None`` where no labels fit it (the labels held at backward
+    need not be this forward's: non-reentrant checkpointing discards the replay's nodes, and a reentrant backward
+    then raises, see ``_labels_of``)."""
+    if not mode.replays:
+        return flat_labels(labels, items, where)
+    try:
+        return None if labels is None else flat_labels(labels, items, where)
+    except ValueError:
+        return None
+
+
+def _sinks_of(routes: tuple[RoutedParameter | None, RoutedParameter | None]) -> list[Tensor | None]:
+    return [sink for route in routes for sink in (route.sinks if route is not None else NO_RECORDS)]
+
+
+def _linear(mode: ParameterRoutingMode, labels: Tensor | None, where: str, input: Tensor, weight: Tensor,
             bias: Tensor | None = None) -> Tensor:  # fmt: skip
     if mode.route_of(input) is not None:
         raise ValueError(f"{where}: used as the input of F.linear; only a weight or bias can be routed")
-    items = flat_labels(labels, input.shape[:-1], where)
-    return _RoutedMatmul.apply(input, weight, bias, items, (mode.route_of(weight), mode.route_of(bias)), True)
+    items = _items(mode, labels, input.shape[:-1], where)
+    routes = (mode.route_of(weight), mode.route_of(bias))
+    return _RoutedMatmul.apply(input, weight, bias, items, routes, True, *_sinks_of(routes))
 
 
-def _addmm(mode: ParameterRoutingMode, labels: Tensor, where: str, input: Tensor, mat1: Tensor, mat2: Tensor, *,
+def _addmm(mode: ParameterRoutingMode, labels: Tensor | None, where: str, input: Tensor, mat1: Tensor, mat2: Tensor, *,
            beta: float = 1, alpha: float = 1) -> Tensor:  # fmt: skip
     if beta != 1 or alpha != 1 or mode.route_of(mat1) is not None or input.dim() != 1:
         raise ValueError(
             f"{where}: used by torch.addmm in a form parameter routing does not route (it routes addmm(bias, x, W) "
             "with a 1-d bias, beta = alpha = 1, as HF Conv1D calls it)"
         )
-    items = flat_labels(labels, mat1.shape[:-1], where)
-    return _RoutedMatmul.apply(mat1, mat2, input, items, (mode.route_of(mat2), mode.route_of(input)), False)
+    items = _items(mode, labels, mat1.shape[:-1], where)
+    routes = (mode.route_of(mat2), mode.route_of(input))
+    return _RoutedMatmul.apply(mat1, mat2, input, items, routes, False, *_sinks_of(routes))
 
 
-def _embedding(mode: ParameterRoutingMode, labels: Tensor, where: str, input: Tensor, weight: Tensor,
+def _embedding(mode: ParameterRoutingMode, labels: Tensor | None, where: str, input: Tensor, weight: Tensor,
                padding_idx: int | None = None, max_norm: float | None = None, norm_type: float = 2.0,
                scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:  # fmt: skip
     route = mode.route_of(weight)
@@ -481,7 +623,8 @@ def _embedding(mode: ParameterRoutingMode, labels: Tensor, where: str, input: Te
         )
     if padding_idx is not None and padding_idx < 0:
         padding_idx += weight.shape[0]
-    return _RoutedEmbedding.apply(input, weight, flat_labels(labels, input.shape, where), route, padding_idx)
+    items = _items(mode, labels, input.shape, where)
+    return _RoutedEmbedding.apply(input, weight, items, route, padding_idx, *route.sinks)
 
 
 _HANDLERS: dict[Any, Callable[..., Tensor]] = {F.linear: _linear, torch.addmm: _addmm, F.embedding: _embedding}

@@ -396,6 +396,9 @@ def _check_parameters_by_name(model: nn.Module, parameters: Sequence[RoutedParam
 def _alias_parameter(
     mode: ParameterRoutingMode, routed: RoutedParameter, attribute: str, module: nn.Module, args: Any
 ) -> None:
+    # A store at every call, even of the parameter itself: under torch.compile, dynamo traces a checkpointed
+    # region's body without TorchFunctionModes, and this side effect makes it run that region eagerly instead,
+    # where the mode and its replay hooks route it (tests/test_param_checkpointing.py proves the gradients).
     mode.alias(getattr(module, attribute), routed)
 
 
@@ -551,6 +554,11 @@ class GradientRouter:
                 owner, attribute = routed.owner_and_attribute
                 hook = functools.partial(_alias_parameter, self._mode, routed, attribute)
                 self._handles.append(model.get_submodule(owner).register_forward_pre_hook(hook))
+            held = {id(r.param) for r in parameters}
+            for module in model.modules():  # every holder: a tied weight is held by two modules
+                if any(id(p) in held for p in module.parameters(recurse=False)):
+                    self._handles += [module.register_forward_pre_hook(self._mode.replay_pre_hook),
+                                      module.register_forward_hook(self._mode.replay_post_hook, always_call=True)]
         for site, module in sites:
             if site.target.site == "output":
                 handle = module.register_forward_hook(site.output_hook)

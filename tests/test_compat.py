@@ -113,3 +113,24 @@ def test_dump_weights_is_what_save_checkpoint_writes_with_weights_only(tmp_path:
     public, ours = torch.load(tmp_path / "public.ckpt", weights_only=False), dump_weights(trainer)
     assert ours.keys() == public.keys() and "optimizer_states" not in ours
     assert all(torch.equal(ours["state_dict"][k], v) for k, v in public["state_dict"].items())
+
+
+def test_in_backward_and_function_mode_active_see_what_checkpointing_recomputation_sees() -> None:
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from lightning_gradroute._compat import function_mode_active, in_backward
+
+    class Passing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            return func(*args, **(kwargs or {}))
+
+    mode, seen = Passing(), []
+    x = torch.randn(3, requires_grad=True)
+    with mode:
+        assert function_mode_active(mode) and not in_backward()
+        y = x * 2
+        y.register_hook(lambda g: seen.append((in_backward(), function_mode_active(mode))))
+        y.sum().backward()
+    assert seen == [(True, False)]  # backward runs without the mode its caller had entered
+    assert not function_mode_active(mode)

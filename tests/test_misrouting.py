@@ -299,7 +299,7 @@ class Small(nn.Module):
         return self.out(self.act(self.fc(x)))
 
 
-def test_a_compiled_graph_reused_without_the_hooks_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_compiled_graph_reused_without_the_hooks_is_caught() -> None:
     """torch.compile reuses one instance's graph for another instance of the class, and by default does not guard
     on hooks: the routed instance would silently run unrouted. The coverage check stops it; guarding on hooks
     (what the README recommends when compiling several instances) routes it."""
@@ -318,8 +318,9 @@ def test_a_compiled_graph_reused_without_the_hooks_is_caught(monkeypatch: pytest
 
     with pytest.raises(ValueError, match=r"'act', output\) was never called while routing"):
         compile_then_route()
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", False)
-    routed = compile_then_route()
+    # config.patch, not monkeypatch: restoring through setattr left dynamo's config unreadable for later tests
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        routed = compile_then_route()
     assert torch.count_nonzero(routed.fc.weight.grad) == 0  # all forget, weight 0: nothing reached fc
     torch._dynamo.reset()
 

@@ -25,21 +25,23 @@ SCRIPT = Path(__file__).parent / "scripts" / "model_parallel_fit.py"
 def test_fsdp2_on_two_processes_equals_one_process_and_saves_full_ablated_weights(tmp_path: Path) -> None:
     """Activation routing, parameter routing, an ERA expansion and RoutedSGD under FSDP2 (each rank holds half
     of every parameter), with different labels per rank, against one unsharded process on the same global
-    batches; the contracted model is gathered and saved as full tensors with the original keys."""
+    batches; the contracted model is gathered and saved as full tensors with the original keys. Again with the
+    sharded, routed pair under activation checkpointing."""
     env = {k: v for k, v in os.environ.items() if k != "PL_GLOBAL_SEED"}  # a seed left by an earlier test reseeds
-    for processes in (1, 2):
-        result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--processes", str(processes), "--out", str(tmp_path / str(processes))],
-            capture_output=True, text=True, timeout=360, env=env,
-        )  # fmt: skip
+    runs = {"1": ["--processes", "1"], "2": ["--processes", "2"], "2_ckpt": ["--processes", "2", "--checkpoint"]}
+    for run, flags in runs.items():
+        result = subprocess.run([sys.executable, str(SCRIPT), *flags, "--out", str(tmp_path / run)],
+                                capture_output=True, text=True, timeout=360, env=env)  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
     single = load_file(tmp_path / "1" / "ablated" / "model.safetensors")
-    sharded = load_file(tmp_path / "2" / "ablated" / "model.safetensors")
-    assert sorted(sharded) == sorted(single) == [
+    assert sorted(single) == [
         "embed.weight", "head.bias", "head.weight", "mlp.0.bias", "mlp.0.weight", "mlp.2.bias", "mlp.2.weight"
     ]  # fmt: skip
-    for name, value in single.items():
-        torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    for run in ("2", "2_ckpt"):  # sharded; sharded with the routed pair recomputed in backward
+        sharded = load_file(tmp_path / run / "ablated" / "model.safetensors")
+        assert sorted(sharded) == sorted(single)
+        for name, value in single.items():
+            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=f"{run} {name}": f"{n}: {m}")
 
 
 def routing(parameters: bool = False, expansions: bool = False) -> GradientRoutingCallback:

@@ -2,7 +2,8 @@
 processes, or on one process without sharding, for ``tests/test_scale_out.py``.
 
 Lightning's ModelParallelStrategy relaunches this script for every rank (it cannot run inside pytest), so the test
-runs it as a subprocess: ``python model_parallel_fit.py --processes 2 --out DIR``. The callback writes the
+runs it as a subprocess: ``python model_parallel_fit.py --processes 2 --out DIR``; ``--checkpoint`` recomputes
+the sharded pair in backward (``torch.utils.checkpoint``, non-reentrant). The callback writes the
 ablated (contracted, gathered to full tensors) weights to ``DIR/ablated/model.safetensors`` on rank 0.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.utils.checkpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
@@ -34,13 +36,17 @@ from lightning_gradroute import (  # noqa: E402
 class ShardedTokenModel(MixinTokenModel):
     """``embed -> encoder Linear -> GELU -> head`` with the encoder pair sharded as one FSDP2 unit."""
 
-    def __init__(self) -> None:
+    def __init__(self, checkpoint: bool = False) -> None:
         super().__init__(normalization="global")
+        self.checkpoint = checkpoint
         self.mlp = nn.Sequential(self.encoder, self.act, nn.Linear(16, 16))
         del self.encoder, self.act
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.mlp(self.embed(ids)))
+        x = self.embed(ids)
+        if self.checkpoint:
+            return self.head(torch.utils.checkpoint.checkpoint(self.mlp, x, use_reentrant=False))
+        return self.head(self.mlp(x))
 
     def configure_model(self) -> None:
         if self._device_mesh is None or getattr(self, "sharded", False):
@@ -60,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--processes", type=int, choices=(1, 2), required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoint", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same kernels in both runs, whatever the machine's cores
     routing = GradientRoutingCallback(
@@ -70,7 +77,7 @@ def main() -> None:
         save_ablated=str(args.out),
     )
     torch.manual_seed(0)
-    model = ShardedTokenModel()
+    model = ShardedTokenModel(args.checkpoint)
     distributed = {}
     if args.processes == 2:
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
