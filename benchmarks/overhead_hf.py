@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from lightning_gradroute import GradientRouter, Route, Target
 
-ROUTED = {"gpt2": "model.transformer.h.*.mlp.act", "llama": "model.model.layers.*.mlp.act_fn"}
+ROUTED = {"gpt2": "model.transformer.h.*.mlp.act", "gpt_neo": "model.transformer.h.*.mlp.act",
+          "llama": "model.model.layers.*.mlp.act_fn"}  # fmt: skip
 RATIOS = (("library", "unrouted"), ("library", "paper"), ("paper", "unrouted"))
 
 
@@ -58,6 +59,13 @@ def hf_model(args: argparse.Namespace) -> tuple[nn.Module, int]:
             n_head=args.heads, n_inner=hidden, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
         )  # fmt: skip
         return Logits(transformers.GPT2LMHeadModel(config)), hidden
+    if args.model == "gpt_neo":
+        config = transformers.GPTNeoConfig(
+            vocab_size=args.vocab, max_position_embeddings=args.seq_len, hidden_size=args.d_model,
+            num_layers=args.layers, num_heads=args.heads, intermediate_size=hidden,
+            attention_types=[[["global"], args.layers]], embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0,
+        )  # fmt: skip
+        return Logits(transformers.GPTNeoForCausalLM(config)), hidden
     hidden = 8 * args.d_model // 3  # Llama's gated MLP keeps the parameter count of a 4x MLP
     config = transformers.LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=hidden, num_hidden_layers=args.layers,

@@ -32,7 +32,10 @@ import torch
 from compare import common_arguments, measure, report, write
 from overhead import GPT, ROUTED_MODULES, Variant, add_model_arguments
 
+from torch import nn
+
 from lightning_gradroute import GradientRouter, ParameterTarget, Route, RoutedAdamW, Target
+from lightning_gradroute.param_routing import routed_parameter
 
 RATIOS = (
     ("activation", "unrouted"),
@@ -68,25 +71,28 @@ def build(args: argparse.Namespace) -> dict[str, Variant]:
         "parameter_routed_adamw": ("parameter", RoutedAdamW),
         "unrouted_routed_adamw": (None, RoutedAdamW),
     }
-    variants = {}
-    for name, (routing, optimizer) in plan.items():
-        model = copy.deepcopy(base)
-        route: Any = lambda labels: contextlib.nullcontext()  # noqa: E731
-        if routing is not None:
-            route = routers[routing]().attach(model).route
-        variants[name] = Variant(name, model, optimizer(model.parameters(), lr=1e-4), route)
-    return variants
+    return {name: make_variant(name, base, routers[routing]() if routing else None, optimizer)
+            for name, (routing, optimizer) in plan.items()}  # fmt: skip
+
+
+def make_variant(name: str, base: nn.Module, router: GradientRouter | None, optimizer: type) -> Variant:
+    """A copy of ``base``, routed by ``router`` (``None``: unrouted), trained by ``optimizer`` (lr 1e-4)."""
+    model = copy.deepcopy(base)
+    route: Any = lambda labels: contextlib.nullcontext()  # noqa: E731
+    if router is not None:
+        route = router.attach(model).route
+    return Variant(name, model, optimizer(model.parameters(), lr=1e-4), route)
 
 
 def check(variants: dict[str, Variant], batch: Any) -> dict[str, float]:
-    """Parameter routing changes exactly the routed weights' gradients."""
+    """Parameter routing changes every routed parameter's gradient and leaves the others as unrouted training has
+    them."""
     grads = {}
     for name in ("unrouted", "parameter"):
         variants[name].loss(*batch)
         grads[name] = {n: p.grad.clone() for n, p in variants[name].model.named_parameters()}
         variants[name].optimizer.zero_grad(set_to_none=True)
-    routed = [n for n in grads["unrouted"] if n.startswith("blocks.") and n.split(".")[1] in "01234"
-              and n.endswith(("mlp.fc.weight", "mlp.proj.weight"))]  # fmt: skip
+    routed = {n for n, p in variants["parameter"].model.named_parameters() if routed_parameter(p) is not None}
     changed = min((grads["parameter"][n] - grads["unrouted"][n]).abs().max().item() for n in routed)
     others = max(
         (grads["parameter"][n] - grads["unrouted"][n]).abs().max().item() / grads["unrouted"][n].abs().max().item()
@@ -94,7 +100,7 @@ def check(variants: dict[str, Variant], batch: Any) -> dict[str, float]:
     )  # fmt: skip
     if changed == 0 or others > 1e-5:
         raise AssertionError(f"parameter routing: routed grads changed by {changed}, others by {others} (relative)")
-    return {"min_change_routed": changed, "max_relative_change_others": others}
+    return {"routed_parameters": len(routed), "min_change_routed": changed, "max_relative_change_others": others}
 
 
 def main() -> None:

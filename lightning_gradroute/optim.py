@@ -204,18 +204,28 @@ class RoutedAdamW(_RoutedOptimizer):
         self, param: Tensor, grad: Tensor | None, state: dict[str, Any], group: dict[str, Any], route: RoutedParameter,
         allowed: Tensor,
     ) -> None:  # fmt: skip
+        """The AdamW update in place, with every per-unit factor 0 on the blocked units (their value and moments
+        stay bit for bit). A blocked unit's gradient is 0 exactly (every item's weight there is 0), so it adds
+        nothing to the moments; only their decay needs masking."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         if not state:
             state.update(step=torch.zeros(allowed.shape[-1], dtype=torch.float64, device=param.device),
                          exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))  # fmt: skip
-        grad = grad if grad is not None else torch.zeros_like(param)
         state["step"] += allowed
-        mask = _along(route, allowed, param.dim())
-        new_avg, new_sq, update = self._adam_update(
-            grad, state["exp_avg"], state["exp_avg_sq"], _along(route, state["step"], param.dim()), group
-        )
-        new_param = param.mul(1 - group["lr"] * group["weight_decay"]).sub_(update)
-        for old, new in ((param, new_param), (state["exp_avg"], new_avg), (state["exp_avg_sq"], new_sq)):
-            torch.where(mask, new, old, out=old)
+        on = allowed.to(param.dtype)
+        step = state["step"]
+        # float64 bias corrections, like torch's Python floats; 1 where a unit never stepped (no 0 / 0)
+        bias1 = torch.where(step > 0, 1 - beta1**step, 1.0)
+        bias2_sqrt = torch.where(step > 0, (1 - beta2**step).sqrt(), 1.0).to(param.dtype)
+        step_size = (lr / bias1 * allowed).to(param.dtype)
+        exp_avg, exp_avg_sq, dims = state["exp_avg"], state["exp_avg_sq"], param.dim()
+        if grad is None:
+            grad = torch.zeros_like(param)
+        param.mul_(_along(route, 1 - (lr * wd) * on, dims))
+        exp_avg.lerp_(grad, _along(route, (1 - beta1) * on, dims))
+        exp_avg_sq.mul_(_along(route, 1 - (1 - beta2) * on, dims)).addcmul_(grad, grad, value=1 - beta2)
+        denom = (exp_avg_sq.sqrt() / _along(route, bias2_sqrt, dims)).add_(eps)
+        param.addcmul_(exp_avg.div(denom), _along(route, step_size, dims), value=-1)
 
     def _split(
         self, param: Tensor, state: dict[str, Any], group: dict[str, Any], route: RoutedParameter, allowed: Tensor,

@@ -105,6 +105,8 @@ class RoutedParameter:
         self.allowed_sink = _sink(self.num_labels, weights.shape[1], device=self.table.device)
         self.label_grads_sink: Tensor | None = None
         self.grad_sq_sink: Tensor | None = None
+        self.runs = _column_runs(weights)
+
 
     @property
     def keep_label_grads(self) -> bool:
@@ -160,6 +162,21 @@ class RoutedParameter:
         """The name of the module holding the parameter, and the parameter's attribute name there."""
         owner, _, attribute = self.name.rpartition(".")
         return owner, attribute
+
+    def run_scales(self, labels: Tensor, dtype: torch.dtype) -> list[tuple[int, int, Tensor | float]]:
+        """Per run of units that share one column of the table: ``(start, stop, scale)``, the scale each item's
+        gradient gets there: ``(items,)``, or the float 1.0 / 0.0 where every label's weight is that."""
+        assert self.runs is not None
+        scales: list[tuple[int, int, Tensor | float]] = []
+        for start, stop, column, constant in self.runs:
+            if constant is not None:
+                scales.append((start, stop, constant))
+            elif labels.is_floating_point():
+                low, high = column[0].to(dtype), column[1].to(dtype)
+                scales.append((start, stop, low + labels.to(dtype) * (high - low)))
+            else:
+                scales.append((start, stop, column.to(dtype).index_select(0, labels)))
+        return scales
 
     def item_weights(self, labels: Tensor, dtype: torch.dtype) -> Tensor:
         """``(items, units)``: the table row of each item's label (soft labels interpolate, in fp32 or wider)."""
@@ -217,6 +234,26 @@ def _sink(*shape: int, device: torch.device) -> Tensor:
     """A zero leaf that records through its gradient; stored as one broadcast zero, so it costs no memory of its
     own whatever its shape."""
     return torch.zeros((), device=device).expand(shape).requires_grad_()
+
+
+#: At most this many runs of equal table columns take the per-run backward (see ``_by_runs``).
+MAX_RUNS = 8
+
+
+def _column_runs(weights: Tensor) -> list[tuple[int, int, Tensor, float | None]] | None:
+    """The table's columns as runs of equal ones, ``(start, stop, column, constant)`` (``constant``: the weight
+    every label has there, if one), or ``None`` beyond :data:`MAX_RUNS` runs."""
+    columns = weights.detach().cpu()
+    change = (columns[:, 1:] != columns[:, :-1]).any(0).nonzero().flatten().add(1).tolist()
+    bounds = [0, *change, columns.shape[1]]
+    if len(bounds) - 1 > MAX_RUNS:
+        return None
+    runs = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        column = columns[:, start]
+        same = bool((column == column[0]).all()) and float(column[0]) in (0.0, 1.0)
+        runs.append((start, stop, column.to(weights.device), float(column[0]) if same else None))
+    return runs
 
 
 def _add_grad(sink: Tensor, value: Tensor) -> None:
@@ -361,6 +398,47 @@ def _weighted(
     return per_label.sum(0), _label_records(route, allowed, per_label)
 
 
+def _fast(route: RoutedParameter) -> bool:
+    """Whether the per-run backward applies: few runs of equal columns, no per-label records."""
+    return route.runs is not None and not route.keep_label_grads and not route.telemetry
+
+
+def _by_runs(route: RoutedParameter, labels: Tensor, units: Tensor, other: Tensor, units_first: bool) -> Tensor:
+    """The weight gradient ``sum_i m_i * outer(units_i, other_i)`` (``units``: ``(items, units)``, the operand
+    whose columns are the routed units) run by run: in a run every unit has the same item weight, so it scales
+    whichever operand slice is smaller (or neither, or skips the matmul), not an ``(items, units)`` mask. Each
+    run's matmul writes into its slice of the gradient (``units_first``: the weight holds the units on dim 0), in
+    the autocast dtype where autocast is on (an ``out=`` matmul is not autocast)."""
+    device = units.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else units.dtype
+    units, other = units.to(dtype), other.to(dtype)
+    size = (units.shape[1], other.shape[1]) if units_first else (other.shape[1], units.shape[1])
+    grad = units.new_empty(size)
+    for a, b, scale in route.run_scales(labels, dtype):
+        out = grad[a:b] if units_first else grad[:, a:b]
+        if isinstance(scale, float) and scale == 0.0:
+            out.zero_()
+            continue
+        block, right = units[:, a:b], other
+        if isinstance(scale, Tensor):
+            if b - a <= other.shape[1]:
+                block = block * scale[:, None]
+            else:
+                right = other * scale[:, None]
+        if units_first:
+            torch.mm(block.t(), right, out=out)
+        else:
+            torch.mm(right.t(), block, out=out)
+    return grad
+
+
+def _scaled_sum(block: Tensor, scale: Tensor | float) -> Tensor:
+    """``sum_i scale_i * block_i``."""
+    if isinstance(scale, float):
+        return block.sum(0) if scale == 1.0 else block.new_zeros(block.shape[1])
+    return scale @ block
+
+
 def _label_records(route: RoutedParameter, allowed: Tensor, per_label: Tensor) -> Records:
     """The records of a gradient computed per label: its label gradients if kept, its norms with telemetry."""
     return (
@@ -422,7 +500,12 @@ class _RoutedMatmul(torch.autograd.Function):
                 grad_x = grad.mm(weight if ctx.linear else weight.t()).view(x.shape)
             if ctx.needs_input_grad[1]:
                 # An (out, in) gradient; W is (out, in) in F.linear, (in, out) in addmm.
-                if weight_route is None:
+                if weight_route is not None and _fast(weight_route):
+                    on_outputs = (weight_route.dim == 0) == ctx.linear  # the routed units are the outputs
+                    units, other = (grad, inputs) if on_outputs else (inputs, grad)
+                    grad_w = _by_runs(weight_route, labels, units, other, units_first=weight_route.dim == 0)
+                    weight_records = (weight_route.allowed(labels), None, None)
+                elif weight_route is None:
                     grad_w = grad.t().mm(inputs) if ctx.linear else inputs.t().mm(grad)
                 elif (weight_route.dim == 0) == ctx.linear:  # the routed units are the outputs
                     grad_w, weight_records = _weighted(weight_route, labels, grad.dtype, lambda m: m.mul_(grad).t().mm(
@@ -433,6 +516,9 @@ class _RoutedMatmul(torch.autograd.Function):
             if ctx.needs_input_grad[2]:
                 if bias_route is None:
                     grad_b = grad.sum(0)
+                elif _fast(bias_route):
+                    parts = [_scaled_sum(grad[:, a:b], scale) for a, b, scale in bias_route.run_scales(labels, grad.dtype)]
+                    grad_b, bias_records = torch.cat(parts), (bias_route.allowed(labels), None, None)
                 else:
                     grad_b, bias_records = _weighted(bias_route, labels, grad.dtype, lambda m: m.mul_(grad).sum(0))
         records = _records_for(ctx.sinks[:3], weight_records) + _records_for(ctx.sinks[3:], bias_records)
