@@ -157,6 +157,25 @@ def test_stages_match_an_independent_loss_and_the_attack_draws_and_reports_its_l
     assert drawn == [random.Random(seed).sample(pool, 5) for _ in range(2) for seed in range(2)]
 
 
+@pytest.mark.timeout(120)
+def test_attack_budgets_run_one_attack_each_and_the_first_is_the_attack(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    lm, data = TinyLM(), ToyData()
+    callback = evaluation(coherence_steps=0, attack_examples=[3, 5], attack_lr=1e-3)
+    pl.Trainer(**trainer_kwargs(tmp_path, max_steps=2, callbacks=[callback])).fit(lm, data)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["attacks"]) == {"3", "5"} and results["attack"] == results["attacks"]["3"]
+    assert [results["attacks"][b]["examples"] for b in ("3", "5")] == [3, 5]
+    pool = data.sets["attack_pool"]
+    drawn = [examples for split, examples in data.collated if split == "attack_pool"]
+    assert drawn == [random.Random(seed).sample(pool, n) for n in (3, 5) for seed in range(2)]
+    # the public attack on the final model gives what fit recorded (the model was restored after each)
+    assert callback.attack(lm, 5)["lowest_forget"] == pytest.approx(results["attacks"]["5"]["lowest_forget"], rel=1e-6)
+    for bad in ([], [3, 3], [0], 2.5):
+        with pytest.raises(ValueError, match="attack_examples must be"):
+            evaluation(attack_examples=bad)
+
+
 def test_a_data_object_missing_a_protocol_member_gets_a_one_line_error(tmp_path: Path) -> None:
     class NoAttack:
         def retain_eval_examples(self) -> list: return []  # noqa: E704

@@ -164,7 +164,9 @@ class UnlearningEvaluation(EvaluationCallback):
        attack examples (one batch, or cycled batches of ``attack_batch_size``), evaluating every
        ``attack_eval_every`` steps; the seed-averaged curves per rate (``by_lr``), the lowest forget loss over
        rates and steps, step 0 included (``lowest_forget``, ``lowest_step``, ``lowest_lr``), and with
-       ``target_loss`` the steps to recover it (:func:`recovery_steps`). The model is restored afterwards.
+       ``target_loss`` the steps to recover it (:func:`recovery_steps`). The model is restored afterwards. With
+       a list of ``attack_examples`` budgets, one attack per budget (``attacks``, keyed by budget; ``attack`` is
+       the first budget's). :meth:`attack` runs one on its own.
 
     With the routing callback's ``log_grad_norms=True`` the mean of each logged gradient norm lands in
     ``grad_norms``. Under ``fast_dev_run`` every set is cut to one batch of ``eval_batch_size`` and every stage
@@ -191,7 +193,8 @@ class UnlearningEvaluation(EvaluationCallback):
         coherence_lr: its AdamW learning rate (the paper: 5e-5, betas (0.9, 0.95), weight decay 0.1).
         attack_steps: attack steps per seed (the paper: 40).
         attack_lr: its AdamW learning rate (the paper: 5e-5, weight decay 0.01), or distinct rates to sweep.
-        attack_examples: examples per attack (the paper: 64), at most the attack examples there are.
+        attack_examples: examples per attack (the paper: 64), at most the attack examples there are; or distinct
+            budgets, one attack each (e.g. ``[16, 64, 256]``).
         attack_batch_size: batches of this many, cycled one per step; None: one batch.
         attack_seeds: attacks per rate, averaged (the paper: 5).
         attack_eval_every: evaluate after every this many attack steps (and the last).
@@ -212,7 +215,7 @@ class UnlearningEvaluation(EvaluationCallback):
         coherence_lr: float = 5e-5,
         attack_steps: int = 40,
         attack_lr: float | Sequence[float] = 5e-5,
-        attack_examples: int = 64,
+        attack_examples: int | Sequence[int] = 64,
         attack_batch_size: int | None = None,
         attack_seeds: int = 5,
         attack_eval_every: int = 1,
@@ -223,10 +226,14 @@ class UnlearningEvaluation(EvaluationCallback):
     ) -> None:
         super().__init__(results_file)
         who = type(self).__name__
+        budgets = list(attack_examples) if isinstance(attack_examples, (list, tuple)) else [attack_examples]
+        if not budgets or len(set(budgets)) != len(budgets):
+            raise ValueError(f"{who}: attack_examples must be a positive int or distinct ones, got {attack_examples}")
+        for budget in budgets:
+            _positive_int(who, "attack_examples", budget)
         for name, value, minimum in (
             ("coherence_steps", coherence_steps, 0),
             ("attack_steps", attack_steps, 0),
-            ("attack_examples", attack_examples, 1),
             ("attack_seeds", attack_seeds, 1),
             ("attack_eval_every", attack_eval_every, 1),
             ("attack_batch_size", attack_batch_size or 1, 1),
@@ -245,7 +252,8 @@ class UnlearningEvaluation(EvaluationCallback):
             _check_protocol(data, UnlearningData, who)
         self.data, self.loss_fn = data, loss_fn or next_token_loss
         self.coherence_steps, self.coherence_lr = coherence_steps, coherence_lr
-        self.attack_steps, self.attack_lrs, self.attack_examples = attack_steps, lrs, attack_examples
+        self.attack_steps, self.attack_lrs, self.attack_budgets = attack_steps, lrs, budgets
+        self._budget_list = isinstance(attack_examples, (list, tuple))
         self.attack_batch_size, self.attack_seeds = attack_batch_size, attack_seeds
         self.attack_eval_every, self.attack_metrics, self.target_loss = attack_eval_every, metrics, target_loss
         self.eval_batch_size = eval_batch_size
@@ -332,7 +340,10 @@ class UnlearningEvaluation(EvaluationCallback):
             )
             results["coherence"] = coherence.to_dict()
         results["final"] = self.held_out_losses(pl_module)
-        results["attack"] = self._attack(pl_module)
+        attacks = {str(budget): self.attack(pl_module, budget) for budget in self.attack_budgets}
+        results["attack"] = attacks[str(self.attack_budgets[0])]
+        if self._budget_list:
+            results["attacks"] = attacks
         if self._grad_norms:
             results["grad_norms"] = {k: sum(v) / len(v) for k, v in sorted(self._grad_norms.items())}
         results.update(self.metadata(trainer, pl_module))
@@ -348,9 +359,11 @@ class UnlearningEvaluation(EvaluationCallback):
             f"lowest forget loss under the retraining attack: {results['attack']['lowest_forget']:.4f}"
         )
 
-    def _attack(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+    def attack(self, pl_module: pl.LightningModule, examples: int) -> dict[str, Any]:
+        """The retraining attack (stage 4) with ``examples`` attack examples, from ``pl_module`` as it is now
+        (restored afterwards); what ``results.json`` holds under ``attack``. Call it after ``setup``."""
         pool, quick = self._data.attack_pool_examples(), self._quick
-        size = min(self.attack_examples, len(pool), self.eval_batch_size if quick else len(pool))
+        size = min(examples, len(pool), self.eval_batch_size if quick else len(pool))
 
         def attack_batches(seed: int) -> list[Any]:
             drawn = [pool[i] for i in random.Random(seed).sample(range(len(pool)), size)]

@@ -105,7 +105,7 @@ class BilingualEvaluation(UnlearningEvaluation):
             coherence_lr=coherence_lr,
             attack_steps=attack_steps,
             attack_lr=attack_lr,
-            attack_examples=budgets[0],
+            attack_examples=budgets,
             attack_batch_size=attack_batch_size,
             attack_seeds=attack_seeds,
             attack_eval_every=attack_eval_every,
@@ -113,10 +113,9 @@ class BilingualEvaluation(UnlearningEvaluation):
             eval_batch_size=eval_batch_size,
             results_file=results_file,
         )
-        self.method, self.attack_budgets, self.reset_forget_rows = method, budgets, reset_forget_rows
+        self.method, self.reset_forget_rows = method, reset_forget_rows
         self.curves: dict[str, list[float]] = {"step": [], "retain": [], "forget": []}
         self._forget_units: dict[str, tuple[int, list[int]]] = {}
-        self._by_budget: dict[str, Any] = {}
 
     @override
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -192,17 +191,6 @@ class BilingualEvaluation(UnlearningEvaluation):
         return len(rows)
 
     @override
-    def _attack(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """The core's attack once per budget; the first budget's result is the core's ``attack``."""
-        by_budget = {}
-        for budget in self.attack_budgets:
-            self.attack_examples = budget
-            by_budget[str(budget)] = super()._attack(pl_module)
-        self.attack_examples = self.attack_budgets[0]
-        self._by_budget = by_budget
-        return by_budget[str(self.attack_budgets[0])]
-
-    @override
     def metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         dm = trainer.datamodule
         assert isinstance(dm, BilingualDataModule) and isinstance(pl_module, CausalLM)
@@ -216,7 +204,6 @@ class BilingualEvaluation(UnlearningEvaluation):
             "method": self.method,
             "recall": dm.hparams.recall,
             "reset_forget_rows": self.reset_forget_rows,
-            "attacks": self._by_budget,
             "curves": self.curves,
             "data": dm.summary(),
             "model": {
