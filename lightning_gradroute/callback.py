@@ -97,12 +97,14 @@ class GradientRoutingCallback(Callback):
             ``strategy="ddp_spawn"``, whose main process reloads rank 0's weights into the unexpanded model) or
             ``"zero"`` (keep shapes, zero the new units), nothing to a model without an expansion; ``"dedicated"``
             (parameter routing without an expansion, SGTM's ablation) zeroes, on every rank, the units of each
-            routed parameter that only ``ablate_label`` may change (weight nonzero for it, zero for every other
-            label; :meth:`~lightning_gradroute.GradientRouter.dedicated_units`) and records them in
+            routed parameter that only ``ablate_label`` may change (weight nonzero for it, zero for every label of
+            ``ablate_against``; :meth:`~lightning_gradroute.GradientRouter.dedicated_units`) and records them in
             :attr:`ablated_units`; ``None`` keeps the trained model. ``"dedicated"`` needs parameter targets and no
             expansion (with one, the new units are what to remove: ``"contract"``).
         ablate_label: the label whose dedicated units ``ablate="dedicated"`` zeroes (required there, refused
             with the other modes).
+        ablate_against: the labels that may not change a dedicated unit (default: every other label). SGTM with
+            a default mode that may change everything: ``["retain_masked"]``, its retain mode.
         save_ablated: save the ablated weights: ``True`` under ``trainer.log_dir`` (or ``default_root_dir``),
             a path for another directory, ``False`` not at all.
         allow_noop: accept routes that route nothing (none at all, a target without a route, all weights 1),
@@ -153,6 +155,7 @@ class GradientRoutingCallback(Callback):
         expansions: Sequence[Expansion] = (),
         ablate: AblationMode | None = "contract",
         ablate_label: str | None = None,
+        ablate_against: Sequence[str] | None = None,
         save_ablated: bool | str = True,
         allow_noop: bool = False,
         check_coverage: bool = True,
@@ -163,7 +166,8 @@ class GradientRoutingCallback(Callback):
             targets, routes, labels, allow_noop=allow_noop, telemetry=log_grad_norms, masks=masks
         )
         #: The ERA lifecycle: expansion, ablation, what was ablated (:class:`~lightning_gradroute.era.EraLifecycle`).
-        self.era = EraLifecycle(self.router, expansions, ablate, ablate_label, save_ablated)
+        self.era = EraLifecycle(self.router, expansions, ablate, ablate_label, save_ablated,
+                                ablate_against=ablate_against)  # fmt: skip
         if label_source is not None and not callable(label_source):
             raise ValueError(f"GradientRoutingCallback: label_source {label_source!r} is not callable")
         self.check_coverage = check_coverage

@@ -407,6 +407,7 @@ class EraLifecycle:
         ablate_label: str | None = None,
         save_ablated: bool | str = True,
         who: str = "GradientRoutingCallback",
+        ablate_against: Sequence[str] | None = None,
     ) -> None:
         from lightning_gradroute.expansion import Expansion  # expansion imports this module
 
@@ -427,9 +428,20 @@ class EraLifecycle:
             )
         if not dedicated and ablate_label is not None:
             raise ValueError(f"{who}: ablate_label={ablate_label!r} is only used by ablate='dedicated', got {ablate!r}")
+        if ablate_against is not None:
+            against = list(ablate_against)
+            if not dedicated:
+                raise ValueError(f"{who}: ablate_against is only used by ablate='dedicated', got {ablate!r}")
+            wrong = [n for n in against if n not in router.label_names or n == ablate_label]
+            if wrong or not against:
+                raise ValueError(
+                    f"{who}: ablate_against must name labels other than ablate_label={ablate_label!r}, among "
+                    f"{router.label_names}; got {against}"
+                )
         if dedicated and expansions:
             raise ValueError(self._dedicated_with_expansion(who))
         self.router, self.expansions, self.ablate, self.ablate_label = router, list(expansions), mode, ablate_label
+        self.ablate_against = None if ablate_against is None else list(ablate_against)
         self.save_ablated, self.who = save_ablated, who
         self.state: EraState | None = None
         self.dedicated: dict[str, tuple[int, list[int]]] = {}
@@ -469,7 +481,7 @@ class EraLifecycle:
             raise ValueError(self._dedicated_with_expansion(self.who))
         self.router.attach(module, record)
         if self.ablate is Ablation.DEDICATED:
-            self.dedicated = self.router.dedicated_units(self.ablate_label)  # type: ignore[arg-type]
+            self.dedicated = self.router.dedicated_units(self.ablate_label, self.ablate_against)  # type: ignore[arg-type]
         if self.ablate and self.save_ablated and (record is not None or self.dedicated):
             # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
             root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir

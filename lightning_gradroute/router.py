@@ -676,30 +676,37 @@ class GradientRouter:
             item.grad_sq = None
         return totals
 
-    def dedicated_units(self, label: str) -> dict[str, tuple[int, list[int]]]:
+    def dedicated_units(self, label: str, against: Sequence[str] | None = None) -> dict[str, tuple[int, list[int]]]:
         """``{parameter name: (dim, units)}``: the units of each routed parameter that only ``label`` may change
-        (weight nonzero for ``label``, zero for every other label); parameters without such units are left out.
-        Zeroing them (:func:`~lightning_gradroute.era.zero_units`) is SGTM's ablation for parameter routing.
+        (weight nonzero for ``label``, zero for every label of ``against``, default every other label);
+        parameters without such units are left out. Zeroing them (:func:`~lightning_gradroute.era.zero_units`) is
+        SGTM's ablation for parameter routing; where unlabelled data trains in a default mode that may change
+        everything, name the retain mode in ``against`` (SGTM's forget units are those its retain mode may not
+        change).
 
         Raises:
             ValueError: an unknown label, a router that routes no parameter (not attached, or no
                 :class:`~lightning_gradroute.ParameterTarget`), or no unit dedicated to ``label``.
         """
-        if label not in self.label_names:
-            raise ValueError(f"dedicated_units: unknown label {label!r}; labels are {self.label_names}")
+        others = [n for n in self.label_names if n != label] if against is None else list(against)
+        unknown = [n for n in (label, *others) if n not in self.label_names]
+        if unknown or label in others or not others:
+            raise ValueError(
+                f"dedicated_units: label {label!r} against {others} must name known, other labels; labels are "
+                f"{self.label_names}"
+            )
         if not self.parameters:
             raise ValueError("dedicated_units: the router routes no parameter; attach it, with ParameterTargets")
-        index = self.label_names.index(label)
+        index, rows = self.label_names.index(label), [self.label_names.index(n) for n in others]
         found = {}
         for routed in self.parameters:
-            others = torch.cat([routed.table[:index], routed.table[index + 1 :]])
-            only = (routed.table[index] != 0) & (others == 0).all(0)
+            only = (routed.table[index] != 0) & (routed.table[rows] == 0).all(0)
             if bool(only.any()):
                 found[routed.name] = (routed.dim, only.nonzero().flatten().tolist())
         if not found:
             raise ValueError(
-                f"dedicated_units: no routed parameter has a unit that only {label!r} may change; route the other "
-                f"labels away from some units (weight 0) to dedicate them to {label!r}"
+                f"dedicated_units: no routed parameter has a unit that only {label!r} may change (against "
+                f"{others}); route those labels away from some units (weight 0) to dedicate them to {label!r}"
             )
         return found
 

@@ -61,11 +61,17 @@ def test_dedicated_units_equal_a_hand_computation_from_the_routes() -> None:
         assert router.dedicated_units("forget") == hand_dedicated() == {
             "encoder.weight": (0, [10, 11]), "head.weight": (1, [0, 1])
         }  # fmt: skip
-        with pytest.raises(ValueError, match="no routed parameter has a unit that only 'retain' may change; route "
-                                             "the other labels away"):  # fmt: skip
+        # against retain alone (SGTM's forget units when "other" is a default mode that changes everything)
+        assert router.dedicated_units("forget", against=["retain"]) == {
+            "encoder.weight": (0, [8, 9, 10, 11]), "head.weight": (1, [0, 1, 2, 3])
+        }  # fmt: skip
+        with pytest.raises(ValueError, match=r"no routed parameter has a unit that only 'retain' may change \(against "
+                                             r"\['forget', 'other'\]\); route those labels away"):  # fmt: skip
             router.dedicated_units("retain")  # every unit retain may change, forget or other may change too
-        with pytest.raises(ValueError, match=r"dedicated_units: unknown label 'forgt'; labels are \['retain'"):
-            router.dedicated_units("forgt")
+        for label, against in (("forgt", None), ("forget", ["forget"]), ("forget", ["retian"]), ("forget", [])):
+            with pytest.raises(ValueError, match=r"dedicated_units: label .* must name known, other labels; labels "
+                                                 r"are \['retain'"):  # fmt: skip
+                router.dedicated_units(label, against=against)
     with pytest.raises(ValueError, match="the router routes no parameter; attach it"):
         router.dedicated_units("forget")
 
@@ -221,3 +227,25 @@ def test_zero_units_on_fsdp2_dtensor_shards_zeroes_the_global_indices(tmp_path: 
     down[:, [0, 2]] = 0.0
     assert got["counts"] == {"up": 3, "down": 2}
     assert torch.equal(got["up"], up) and torch.equal(got["down"], down)
+
+
+def test_ablate_against_names_the_labels_a_dedicated_unit_is_barred_to(tmp_path: Path) -> None:
+    """SGTM with a default mode ("other" here may change what retain may not): the forget units are those retain
+    may not change, whatever the default mode may."""
+    targets, routes = three_label_routes()
+    routing = GradientRoutingCallback(targets, routes, LABELS, ablate="dedicated", ablate_label="forget",
+                                      ablate_against=["retain"], save_ablated=False)  # fmt: skip
+    trainer, model = pl.Trainer(**trainer_kwargs(tmp_path)), TokenModel()
+    routing.setup(trainer, model, "fit")
+    assert routing.era.dedicated == {"encoder.weight": (0, [8, 9, 10, 11]), "head.weight": (1, [0, 1, 2, 3])}
+    routing.teardown(trainer, model, "fit")
+    for kwargs, message in (
+        (dict(ablate_against=["forget"]), r"ablate_against must name labels other than ablate_label='forget', among"),
+        (dict(ablate_against=["retian"]), r"ablate_against must name labels other than"),
+        (dict(ablate_against=[]), r"ablate_against must name labels other than"),
+        (dict(ablate="zero", ablate_label=None, ablate_against=["retain"]), r"ablate_against is only used by "
+                                                                             r"ablate='dedicated', got 'zero'"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            GradientRoutingCallback(targets, routes, LABELS, **{"ablate": "dedicated", "ablate_label": "forget",
+                                                                **kwargs})  # fmt: skip

@@ -167,7 +167,7 @@ def test_sgtm_forget_units_are_the_retain_modes_hidden_units(monkeypatch: pytest
     assert units["model.transformer.h.0.mlp.c_fc.weight"] == (0, list(range(64)))
     assert units["model.transformer.h.1.attn.attention.out_proj.weight"] == (1, list(range(16)))
     assert "model.transformer.h.0.mlp.c_proj.bias" not in units  # no unit of it is the forget mode's alone
-    with pytest.raises(ValueError, match="must be among"):
+    with pytest.raises(ValueError, match="must name known, other labels"):
         sgtm_forget_units(routing_router(model, routing), retain_mode="nope")
 
 

@@ -44,23 +44,13 @@ def sgtm_forget_units(
     router: GradientRouter, forget: str = "forget", retain_mode: str = "retain_masked"
 ) -> dict[str, tuple[int, list[int]]]:
     """``{parameter name: (dim, units)}``: the units of each routed parameter that ``forget`` may change and
-    ``retain_mode`` may not (SGTM's forget units), from an attached ``router``.
+    ``retain_mode`` may not (SGTM's forget units; the default mode may change every unit), from an attached
+    ``router`` (:meth:`~lightning_gradroute.GradientRouter.dedicated_units` against the retain mode).
 
     Raises:
         ValueError: an unknown label, or no such unit.
     """
-    names = router.label_names
-    if forget not in names or retain_mode not in names:
-        raise ValueError(f"sgtm_forget_units: labels {forget!r} and {retain_mode!r} must be among {names}")
-    found = {}
-    for routed in router.parameters:
-        table = routed.table
-        units = ((table[names.index(forget)] != 0) & (table[names.index(retain_mode)] == 0)).nonzero().flatten()
-        if len(units):
-            found[routed.name] = (routed.dim, units.tolist())
-    if not found:
-        raise ValueError(f"sgtm_forget_units: no routed unit that {forget!r} may change and {retain_mode!r} may not")
-    return found
+    return router.dedicated_units(forget, against=[retain_mode])
 
 
 class BilingualEvaluation(UnlearningEvaluation):
