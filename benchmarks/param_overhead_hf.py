@@ -18,11 +18,17 @@ Usage::
 
     python benchmarks/param_overhead_hf.py --model gpt_neo --batch-size 8 --seq-len 128
     python benchmarks/param_overhead_hf.py --model llama --batch-size 32 --seq-len 256 --repeats 16
+    python benchmarks/param_overhead_hf.py --model llama --freeze-gc --name param_overhead_hf_llama_8x128_gc_frozen
+
+``--freeze-gc`` collects and freezes Python's garbage collector's heap once the variants are built
+(``gc.collect(); gc.freeze()``), to see how much of a difference comes from the Python heap rather than from
+the arithmetic.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 
 import torch
 from compare import common_arguments, measure, report, write
@@ -63,16 +69,22 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(BLOCKS), default="gpt_neo")
     parser.add_argument("--dedicated", type=int, default=64, help="the last N MLP neurons are forget's")
     parser.add_argument("--name", default=None, help="results file name (default param_overhead_hf_<model>_<B>x<T>)")
+    parser.add_argument("--freeze-gc", action="store_true", help="gc.collect(); gc.freeze() before measuring")
     common_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    results = measure(build(args), args, RATIOS, check)
+    variants = build(args)
+    if args.freeze_gc:
+        gc.collect()
+        gc.freeze()
+    results = measure(variants, args, RATIOS, check)
     c = results["check"]
+    heap = "; the Python heap collected and frozen before measuring" if args.freeze_gc else ""
     description = [
         f"Model: HF {args.model} built from a config, {args.layers} layers, d_model {args.d_model}, {args.heads} "
         f"heads, vocab {args.vocab}; batch {args.batch_size} x seq {args.seq_len}; fp32; per-token labels "
-        f"({args.forget_fraction:.0%} forget). SGTM-style parameter routing on every block: MLP neurons and "
+        f"({args.forget_fraction:.0%} forget){heap}. SGTM-style parameter routing on every block: MLP neurons and "
         f"attention heads (`component='neurons'` / `'heads'`); forget tokens change only the last {args.dedicated} "
         "neurons and the last head, retain tokens the rest.",
         "",

@@ -481,7 +481,8 @@ class EraLifecycle:
             raise ValueError(self._dedicated_with_expansion(self.who))
         self.router.attach(module, record)
         if self.ablate is Ablation.DEDICATED:
-            self.dedicated = self.router.dedicated_units(self.ablate_label, self.ablate_against)  # type: ignore[arg-type]
+            label: str = self.ablate_label  # type: ignore[assignment]
+            self.dedicated = self.router.dedicated_units(label, self.ablate_against)
         if self.ablate and self.save_ablated and (record is not None or self.dedicated):
             # Resolved here on every rank: trainer.log_dir broadcasts, which must not run on rank 0 alone.
             root = self.save_ablated if isinstance(self.save_ablated, str) else trainer.log_dir

@@ -117,7 +117,8 @@ class RoutedParameter:
     @keep_label_grads.setter
     def keep_label_grads(self, keep: bool) -> None:
         if keep != self.keep_label_grads:
-            self.label_grads_sink = _sink(self.num_labels, *self.param.shape, device=self.table.device) if keep else None
+            shape = (self.num_labels, *self.param.shape)
+            self.label_grads_sink = _sink(*shape, device=self.table.device) if keep else None
 
     @property
     def telemetry(self) -> bool:
@@ -517,7 +518,8 @@ class _RoutedMatmul(torch.autograd.Function):
                 if bias_route is None:
                     grad_b = grad.sum(0)
                 elif _fast(bias_route):
-                    parts = [_scaled_sum(grad[:, a:b], scale) for a, b, scale in bias_route.run_scales(labels, grad.dtype)]
+                    runs = bias_route.run_scales(labels, grad.dtype)
+                    parts = [_scaled_sum(grad[:, a:b], scale) for a, b, scale in runs]
                     grad_b, bias_records = torch.cat(parts), (bias_route.allowed(labels), None, None)
                 else:
                     grad_b, bias_records = _weighted(bias_route, labels, grad.dtype, lambda m: m.mul_(grad).sum(0))

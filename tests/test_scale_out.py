@@ -41,7 +41,8 @@ def test_fsdp2_on_two_processes_equals_one_process_and_saves_full_ablated_weight
         sharded = load_file(tmp_path / run / "ablated" / "model.safetensors")
         assert sorted(sharded) == sorted(single)
         for name, value in single.items():
-            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, n=f"{run} {name}": f"{n}: {m}")
+            where = f"{run} {name}"
+            torch.testing.assert_close(sharded[name], value, rtol=1e-5, atol=1e-6, msg=lambda m, w=where: f"{w}: {m}")
 
 
 def routing(parameters: bool = False, expansions: bool = False) -> GradientRoutingCallback:
