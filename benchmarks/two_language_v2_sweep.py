@@ -299,7 +299,8 @@ def curves(runs: dict[Cell, dict[str, Any]]) -> list[str]:
 
 
 def table(rows: list[dict[str, Any]], runs: dict[Cell, dict[str, Any]], command: str) -> str:
-    any_run = next(iter(runs.values()))
+    # The data of a plain run: a filtering run drops the labelled English, a from-scratch run trains one step.
+    any_run = next((r for cell, r in runs.items() if cell.method == "plain"), next(iter(runs.values())))
     data = any_run["data"]
     scale = (
         f"GPT-Neo at sizes {', '.join(SIZES)} (total parameters, vocabulary {data['vocab_size']}), {STEPS} steps of "
