@@ -7,7 +7,9 @@ runs it through an autograd function of its own:
 * ``F.linear(x, W, b)`` (``nn.Linear``) and ``torch.addmm(b, x, W)`` (HF ``Conv1D``): the forward is the same
   call (bit-identical output); backward returns the input gradient unchanged and the weight gradient
   ``sum_i m_i * outer(grad_y_i, x_i)`` with each item's (example's or token's) weights ``m_i`` over the units of
-  the routed dim, as one matmul on a masked operand; the bias gradient is ``sum_i m_i * grad_y_i``.
+  the routed dim: where the units fall into a few runs of equal weights (SGTM's shared and dedicated units), run
+  by run, scaling the smaller operand slice before the same matmul; otherwise as one matmul on a masked
+  operand. The bias gradient is ``sum_i m_i * grad_y_i``.
 * ``F.embedding(ids, W)`` (``nn.Embedding``): ``grad_W[ids_i] += m_i * grad_y_i`` (features routed), or the
   weight of the row each item reads (vocabulary rows routed).
 
@@ -28,7 +30,8 @@ held (inside :meth:`~lightning_gradroute.GradientRouter.route`; the callback doe
 
 Backward also records, per parameter, which units some item was allowed to change since the last optimizer
 step (read by :mod:`lightning_gradroute.optim`) and, for an optimizer that keeps moments per label, each
-label's share of the gradient.
+label's share of the gradient: as gradients of zero "sink" tensors (:class:`RoutedParameter`), not as Python
+side effects, so that ``torch.compile`` traces the routed functions into one graph.
 """
 
 from __future__ import annotations
