@@ -176,6 +176,9 @@ def commit(paths: list[Path], message: str) -> None:
     """Commit exactly ``paths`` (whatever else is staged or changed in the worktree stays out)."""
     relative = [str(p.relative_to(ROOT)) for p in paths]
     subprocess.run(["git", "-C", str(ROOT), "add", "--", *relative], check=True)
+    unchanged = subprocess.run(["git", "-C", str(ROOT), "diff", "--cached", "--quiet", "--", *relative])
+    if unchanged.returncode == 0:  # a resumed sweep re-renders a phase it already committed
+        return
     subprocess.run(["git", "-C", str(ROOT), "commit", "-q", "-m", message, "--", *relative], check=True)
 
 
