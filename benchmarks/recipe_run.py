@@ -4,6 +4,7 @@ the pieces every sweep's report shares: mean and std over seeds, the markdown he
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -89,6 +90,18 @@ def summarise(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+#: Two-sided 95% Student t quantiles by degrees of freedom (beyond the table: the normal 1.96).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """(mean, 95% t half-width; nan for one value)."""
+    if len(values) < 2:
+        return statistics.fmean(values), math.nan
+    t = T95.get(len(values) - 1, 1.96)
+    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
+
+
 def report_header(title: str, command: str, scale: str) -> list[str]:
     """The first lines of a sweep's markdown report: title, the command that produced it, the scale."""
     return [f"# {title}", "", f"Command: `{command}`", "", f"Scale: {scale}", ""]
@@ -102,3 +115,23 @@ def save_figure(fig: Any, title: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def committed(path: Path) -> bool:
+    """Whether ``path`` is tracked by git at HEAD (a finished, committed run); never outside the repository."""
+    if not path.resolve().is_relative_to(ROOT):
+        return False
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"HEAD:{path.resolve().relative_to(ROOT)}"], capture_output=True
+    )
+    return found.returncode == 0
+
+
+def commit(paths: list[Path], message: str) -> None:
+    """Commit exactly ``paths`` (whatever else is staged or changed in the worktree stays out)."""
+    relative = [str(p.relative_to(ROOT)) for p in paths]
+    subprocess.run(["git", "-C", str(ROOT), "add", "--", *relative], check=True)
+    unchanged = subprocess.run(["git", "-C", str(ROOT), "diff", "--cached", "--quiet", "--", *relative])
+    if unchanged.returncode == 0:  # a resumed sweep re-renders a phase it already committed
+        return
+    subprocess.run(["git", "-C", str(ROOT), "commit", "-q", "-m", message, "--", *relative], check=True)

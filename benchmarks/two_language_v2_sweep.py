@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from recipe_run import fit_timed, report_header, save_figure
+from recipe_run import commit, committed, fit_timed, interval, report_header, save_figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -89,8 +89,6 @@ LABELS = {
     "era_unrouted": "ERA expansion, no routing (control)",
     "sgtm_reset_rows": "SGTM + English rows re-drawn (control)",
 }
-#: Two-sided 95% Student t quantiles by degrees of freedom (beyond the table: the normal 1.96).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
 
 @dataclass(frozen=True)
@@ -162,26 +160,6 @@ def plan(seeds: list[int]) -> list[tuple[int, list[Cell]]]:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def committed(path: Path) -> bool:
-    """Whether ``path`` is tracked by git at HEAD (a finished, committed run); never outside the repository."""
-    if not path.resolve().is_relative_to(ROOT):
-        return False
-    found = subprocess.run(
-        ["git", "-C", str(ROOT), "cat-file", "-e", f"HEAD:{path.resolve().relative_to(ROOT)}"], capture_output=True
-    )
-    return found.returncode == 0
-
-
-def commit(paths: list[Path], message: str) -> None:
-    """Commit exactly ``paths`` (whatever else is staged or changed in the worktree stays out)."""
-    relative = [str(p.relative_to(ROOT)) for p in paths]
-    subprocess.run(["git", "-C", str(ROOT), "add", "--", *relative], check=True)
-    unchanged = subprocess.run(["git", "-C", str(ROOT), "diff", "--cached", "--quiet", "--", *relative])
-    if unchanged.returncode == 0:  # a resumed sweep re-renders a phase it already committed
-        return
-    subprocess.run(["git", "-C", str(ROOT), "commit", "-q", "-m", message, "--", *relative], check=True)
-
-
 def run_cell(cell: Cell, runs_dir: Path, results_dir: Path, do_commit: bool) -> None:
     """Train and evaluate one cell (unless its results are committed), copy and commit its small files."""
     target = results_dir / cell.name
@@ -204,14 +182,6 @@ def run_cell(cell: Cell, runs_dir: Path, results_dir: Path, do_commit: bool) -> 
 
 
 # ------------------------------------------------------------------------------------------------ report
-def interval(values: list[float]) -> tuple[float, float]:
-    """(mean, 95% t half-width; nan for one value)."""
-    if len(values) < 2:
-        return statistics.fmean(values), math.nan
-    t = T95.get(len(values) - 1, 1.96)
-    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
-
-
 def load(results_dir: Path) -> dict[Cell, dict[str, Any]]:
     """Every committed run under ``results_dir`` (files on disk that git tracks), keyed by cell."""
     runs = {}
