@@ -55,17 +55,17 @@ def table(settings: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def code_table(settings: dict[str, list[dict]]) -> list[str]:
-    """Mean |code| per dim of each half on each group's test images, averaged over runs."""
+def code_table(names: list[str], seeds: list[int], results: list[dict]) -> list[str]:
+    """Mean |code| per dim of each half on each group's test images, one row per run."""
     columns = [(label, half) for label in ("digits_0_4", "digits_5_9") for half in (0, 1)]
     dims = ("0:16", "16:32")
     lines = [
-        "| setting | " + " | ".join(f"dims {dims[h]} on {label[-3]}-{label[-1]}" for label, h in columns) + " |",
-        "|" + "---|" * (1 + len(columns)),
+        "| setting | seed | " + " | ".join(f"dims {dims[h]} on {label[-3]}-{label[-1]}" for label, h in columns) + " |",
+        "|" + "---|" * (2 + len(columns)),
     ]
-    for name, runs in settings.items():
-        cells = [f"{statistics.fmean(r['mean_abs_code'][label][h] for r in runs):.3g}" for label, h in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, seed, result in zip(names, seeds, results):
+        cells = [f"{result['mean_abs_code'][label][h]:.3g}" for label, h in columns]
+        lines.append(f"| {name} | {seed} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -158,12 +158,12 @@ def main() -> None:
         *table(settings),
         "",
         (
-            "Mean |code| per dim of each half on the test images of each digit group (mean over seeds). With routing "
+            "Mean |code| per dim of each half on the test images of each digit group, per run. With routing "
             "and L1, the half a group is routed away from goes towards 0 on that group; all ~0 means the code "
             "collapsed, large values that it ran away."
         ),
         "",
-        *code_table(settings),
+        *code_table(names, [seed for _, seed in jobs], results),
         "",
         "Each run: a certificate's mean MSE over its own digits and over the others (each digit counts once).",
         "",
