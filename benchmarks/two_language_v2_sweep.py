@@ -250,6 +250,61 @@ def collect(runs: dict[Cell, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+#: (method, the method it is compared with): routing against filtering, routing against its no-routing control,
+#: and the two filterings against each other.
+COMPARISONS = [
+    ("sgtm", "data_filtering"), ("sgtm", "token_filtering"), ("era", "data_filtering"), ("era", "token_filtering"),
+    ("sgtm", "sgtm_unrouted"), ("era", "era_unrouted"), ("token_filtering", "data_filtering"), ("era", "sgtm"),
+]  # fmt: skip
+COMPARED = {"lowest": f"lowest_{MAIN_BUDGET}", "retain_cost": "retain_cost"}
+
+
+def compare(runs: dict[Cell, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired differences (same size and seed; a recall-independent control pairs with every recall) of the lowest
+    forget loss under the main attack and of the retain cost, per comparison, size and recall, with 95% intervals;
+    ``called`` says whether the interval of the lowest-forget difference excludes zero."""
+    get = metrics()
+    rows = []
+    for size in SIZES:
+        for a, b in COMPARISONS:
+            for recall in sorted({c.recall for c in runs if c.size == size and c.method == a} - {None}, reverse=True):
+                pairs = []
+                for seed in sorted({c.seed for c in runs}):
+                    ca, cb = Cell(size, a, recall, seed), Cell(size, b, recall if METHODS[b][2] else None, seed)
+                    refs = Cell(size, "plain", None, seed), Cell(size, "scratch", None, seed)
+                    if all(c in runs for c in (ca, cb, *refs)):
+                        pairs.append((runs[ca], runs[cb], *(runs[c] for c in refs)))
+                if not pairs:
+                    continue
+                row: dict[str, Any] = {"size": size, "method": a, "versus": b, "recall": recall, "seeds": len(pairs)}
+                for name, key in COMPARED.items():
+                    diffs = [get[key](ra, p, s)[0] - get[key](rb, p, s)[0] for ra, rb, p, s in pairs]
+                    row[name], row[name + "_ci"] = interval(diffs)
+                    row[name + "_all"] = True
+                half = row["lowest_ci"]
+                row["called"] = not math.isnan(half) and abs(row["lowest"]) > half
+                rows.append(row)
+    return rows
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        f"Paired differences, method minus the method it is compared with (same size and seed): the lowest forget loss "
+        f"under the {MAIN_BUDGET}-story attack (positive: the first method is more robust) and the retain cost "
+        "(positive: the first costs more). 'called': the 95% interval of the forget difference excludes zero.",
+        "",
+        "| size | recall | method | versus | seeds | Δ lowest forget under attack | Δ retain cost | called |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [fmt(row, "lowest", sign=True), fmt(row, "retain_cost", sign=True), "yes" if row["called"] else "no"]
+        lines.append(
+            f"| {row['size']} | {row['recall']:g} | {LABELS[row['method']]} | {LABELS[row['versus']]} "
+            f"| {row['seeds']} | {' | '.join(cells)} |"
+        )
+    return lines
+
+
 def fmt(row: dict[str, Any], key: str, sign: bool = False, digits: int = 3) -> str:
     mean, half = row[key], row[key + "_ci"]
     bound = "" if row[key + "_all"] else "≥ "
@@ -271,7 +326,9 @@ def curves(runs: dict[Cell, dict[str, Any]]) -> list[str]:
     return lines
 
 
-def table(rows: list[dict[str, Any]], runs: dict[Cell, dict[str, Any]], command: str) -> str:
+def table(
+    rows: list[dict[str, Any]], comparisons: list[dict[str, Any]], runs: dict[Cell, dict[str, Any]], command: str
+) -> str:
     # The data of a plain run: a filtering run drops the labelled English, a from-scratch run trains one step.
     any_run = next((r for cell, r in runs.items() if cell.method == "plain"), next(iter(runs.values())))
     data = any_run["data"]
@@ -316,6 +373,7 @@ def table(rows: list[dict[str, Any]], runs: dict[Cell, dict[str, Any]], command:
         lowest = " | ".join(fmt(row, f"lowest_{b}") for b in BUDGETS)
         steps = " / ".join(fmt(row, f"to_plain_{b}", digits=0) for b in BUDGETS)
         lines.append(f"| {row['size']} | {LABELS[row['method']]} | {recall} | {lowest} | {steps} |")
+    lines += ["", *comparison_table(comparisons)]
     lines += ["", "Plain training's held-out losses during training (mean over seeds):", "", *curves(runs), ""]
     lines += [
         "Runtime per run (mean; wall-clock and the run's own CPU seconds, one thread):",
@@ -373,10 +431,10 @@ def render(results_dir: Path, out: Path, command: str) -> list[Path]:
     runs = load(results_dir)
     if not runs:
         return []
-    rows = collect(runs)
+    rows, comparisons = collect(runs), compare(runs)
     files = [out.with_suffix(".md"), out.with_suffix(".json"), out.with_suffix(".png")]
-    files[0].write_text(table(rows, runs, command))
-    files[1].write_text(json.dumps({"rows": rows}, indent=1))
+    files[0].write_text(table(rows, comparisons, runs, command))
+    files[1].write_text(json.dumps({"rows": rows, "comparisons": comparisons}, indent=1))
     plot(rows, files[2])
     return files
 

@@ -204,7 +204,7 @@ def fake_result(cell: sweep.Cell, forget: float) -> dict[str, Any]:
 def test_sweep_skips_committed_cells_commits_each_run_and_renders_what_is_committed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    forget = {"plain": 2.0, "scratch": 6.0, "sgtm": 4.0}
+    forget = {"plain": 2.0, "scratch": 6.0, "sgtm": 4.0, "data_filtering": 5.0}
     done: set[Path] = set()
     trained, commits = [], []
 
@@ -218,7 +218,7 @@ def test_sweep_skips_committed_cells_commits_each_run_and_renders_what_is_commit
     monkeypatch.setattr(sweep, "fit_timed", fake_fit)
     monkeypatch.setattr(sweep, "committed", lambda path: path in done)
     monkeypatch.setattr(sweep, "commit", lambda paths, message: (done.update(paths), commits.append(message)))
-    cells = [sweep.Cell("0.24M", m, 0.9 if m == "sgtm" else None, s) for s in (0, 1) for m in forget]
+    cells = [sweep.Cell("0.24M", m, 0.9 if sweep.METHODS[m][2] else None, s) for s in (0, 1) for m in forget]
     results = tmp_path / "results"
     done_first = cells[0]
     sweep.run_cell(done_first, tmp_path / "runs", results, do_commit=True)
@@ -237,6 +237,10 @@ def test_sweep_skips_committed_cells_commits_each_run_and_renders_what_is_commit
     assert sgtm["retain_cost"] == pytest.approx(0.0) and sgtm["forget"] == pytest.approx(4.05)
     assert sgtm["to_plain_64"] == 16.0 and not sgtm["to_plain_64_all"]  # 3.0 (or 3.1) never reaches plain's 2.0
     assert sgtm["to_scratch_64"] == 0.0 and sgtm["to_scratch_64_all"]  # it starts below scratch's lowest
+    # Paired by seed: SGTM's lowest forget loss is 1.0 below data filtering's in both seeds, its retain cost equal.
+    (versus,) = [r for r in json.loads(files[1].read_text())["comparisons"] if r["versus"] == "data_filtering"]
+    assert versus["method"] == "sgtm" and versus["seeds"] == 2 and versus["called"]
+    assert versus["lowest"] == pytest.approx(-1.0) and versus["retain_cost"] == pytest.approx(0.0)
     markdown = files[0].read_text()
     assert "| 0.24M | SGTM | 0.9 | 2 |" in markdown and "≥ 16.0" in markdown and files[2].stat().st_size > 0
 
