@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = ("README.md", "benchmarks/README.md", *sorted(
+READMES = ("README.md", "benchmarks/README.md", "recipes/two_language/v2/README.md", *sorted(
     str(p.relative_to(ROOT)) for p in (ROOT / "recipes").glob("*/README.md") if p.parent.name != "two_language"
 ))
 BLOCK = re.compile(r"(<!-- results: (?P<spec>.*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
