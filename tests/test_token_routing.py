@@ -79,6 +79,29 @@ def test_token_labels_route_the_chosen_set_in_every_story(food: TinyStoriesDataM
     assert [r["id"] for r in summary] == food.route_token_ids and all("ratio" in r for r in summary)
 
 
+def test_held_out_concept_tokens_are_every_other_chosen_one_and_never_routed() -> None:
+    data = TinyStoriesDataModule(
+        **SMALL, forget_words=FOOD, labels="tokens", route_top_k=6, route_min_count=3, route_held_out=2
+    )
+    data.setup("fit")
+    assert data.splits is not None
+    retain = [ids[1:] for ids, f in zip(data.splits.train, data.splits.train_forget) if not f]
+    forget = [ids[1:] for ids, f in zip(data.splits.train, data.splits.train_forget) if f]
+    chosen = [t for t, _ in select_concept_tokens(retain, forget, data.vocab_size, 6, 3, exclude=[data.eos_id])]
+    # ranks 2 and 4 held out; ranks 1, 3, 5, 6 routed
+    assert data.held_out_token_ids == [chosen[1], chosen[3]]
+    assert data.route_token_ids == [chosen[0], chosen[2], chosen[4], chosen[5]]
+    batch = next(iter(data.train_dataloader()))
+    targets = batch["input_ids"][:, 1:]
+    assert torch.equal(batch["route_labels"], torch.isin(targets, torch.tensor(data.route_token_ids)).long())
+    summary = data.summary()
+    assert [t["id"] for t in summary["held_out_tokens"]] == data.held_out_token_ids
+    assert len(summary["routed_tokens"]) == 4
+    for bad in ({"route_top_k": 6, "route_held_out": 4}, {"route_tokens": [" Lily"], "route_held_out": 1}):
+        with pytest.raises(ValueError, match="route_held_out=.* at most route_top_k // 2"):
+            TinyStoriesDataModule(labels="tokens", **bad)
+
+
 def test_token_label_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="exactly one of route_tokens, route_top_k"):
         TinyStoriesDataModule(labels="tokens")
@@ -188,18 +211,29 @@ def test_absorption_compares_forget_and_retain_increases() -> None:
                                "forget": {"lowest": {"forget": 3.3, "forget_unrouted": 3.15, "forget_routed": 4.5}}}},
     }
     out = TokenUnlearningEvaluation._absorption(results)
+    assert "held_out_minus_other" not in out["post_ablation"]  # no held-out concept tokens
     assert out["post_ablation"]["forget_minus_retain_unrouted"] == pytest.approx(0.3)
     assert out["post_ablation"]["forget_routed_increase"] == pytest.approx(2.0)
     assert out["final"]["forget_minus_retain_unrouted"] == pytest.approx(0.05)
     assert out["retrained_sym"]["forget_unrouted_increase"] == pytest.approx(0.05)
     assert out["retrained_sym"]["forget_minus_retain_unrouted"] == pytest.approx(0.05)
+    held_out = {"forget_held_out": 5.0, "forget_other": 3.0}
+    results["base"] = base | held_out
+    results["post_ablation"] |= {"forget_held_out": 5.4, "forget_other": 3.1}
+    results["final"] |= held_out
+    results["retraining"]["sym"]["forget"]["lowest"] |= held_out
+    out = TokenUnlearningEvaluation._absorption(results)
+    assert out["post_ablation"]["held_out_minus_other"] == pytest.approx(0.3)
+    assert out["final"]["held_out_minus_other"] == pytest.approx(0.0)
 
 
 # ------------------------------------------------------------------------------------------- the pipeline
 @pytest.mark.timeout(120)
 def test_token_unlearning_pipeline_trains_ablates_repairs_and_retrains_both_sides(tmp_path: Path) -> None:
     pl.seed_everything(0)
-    data = TinyStoriesDataModule(**SMALL, forget_words=FOOD, labels="tokens", route_top_k=6, route_min_count=3)
+    data = TinyStoriesDataModule(
+        **SMALL, forget_words=FOOD, labels="tokens", route_top_k=6, route_min_count=3, route_held_out=2
+    )
     lm = CausalLM(
         config={"model_type": "qwen2", "vocab_size": 512, "hidden_size": 16, "num_hidden_layers": 2,
                 "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32,
@@ -219,9 +253,11 @@ def test_token_unlearning_pipeline_trains_ablates_repairs_and_retrains_both_side
     trainer.fit(lm, data)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["ablated_neurons"] == 8 and results["routed"] is True
-    keys = {"retain", "retain_unrouted", "forget", "forget_unrouted", "forget_routed"}
+    keys = {"retain", "retain_unrouted", "forget", "forget_unrouted", "forget_routed", "forget_held_out"}
+    keys.add("forget_other")
     for stage in ("base", "post_ablation", "final"):
         assert set(results[stage]) == keys
+    assert all("held_out_minus_other" in results["absorption"][stage] for stage in ("post_ablation", "final"))
     assert results["post_ablation"] != results["base"]
     assert results["ablated_weights_max_after_coherence"] == 0.0
     assert lm.model.model.layers[0].mlp.down_proj.weight[:, :8].abs().sum() == 0  # retraining restored the model
@@ -240,7 +276,9 @@ def test_token_unlearning_evaluation_checks_its_setup(tmp_path: Path) -> None:
         TokenUnlearningEvaluation("m", "0:2", "qwen2_mlp", protocols=[RetrainingProtocol("a", 1, 1, 1)] * 2)
     with pytest.raises(ValueError, match="forget_examples must be a positive int"):
         RetrainingProtocol("a", 1, 0, 1)
-    data = TinyStoriesDataModule(**SMALL, forget_words=FOOD, labels="tokens", route_top_k=6, route_min_count=3)
+    data = TinyStoriesDataModule(
+        **SMALL, forget_words=FOOD, labels="tokens", route_top_k=6, route_min_count=3, route_held_out=2
+    )
     lm = CausalLM(config={"model_type": "qwen2", "vocab_size": 512, "hidden_size": 16, "num_hidden_layers": 1,
                           "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 32})
     for evaluation, match in (

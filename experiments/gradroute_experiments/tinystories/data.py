@@ -92,6 +92,10 @@ class TinyStoriesDataModule(StoryDataModule):
         route_top_k: ``labels="tokens"``: instead, route the ``route_top_k`` tokens with the highest
             forget / retain frequency ratio (:func:`~lightning_gradroute.text_labels.select_concept_tokens` with
             ``route_min_count`` and ``route_exclude``, single-token strings left out by hand).
+        route_held_out: ``route_top_k`` only: this many of the chosen tokens are *not* routed but held out, so
+            that an evaluation can measure absorption on concept tokens the routing never saw: ranks 2, 4, 6, ...
+            by frequency ratio (every other one, so the routed and held-out halves span the same range); at most
+            ``route_top_k // 2``.
         truncate_chars: cut every story to this many characters before classifying and tokenising.
         max_tokens: tokens per story including the leading ``<|endoftext|>``.
         batch_size: training and validation batch size.
@@ -122,6 +126,7 @@ class TinyStoriesDataModule(StoryDataModule):
         route_top_k: int | None = None,
         route_min_count: int = 5,
         route_exclude: Sequence[str] = (),
+        route_held_out: int = 0,
         truncate_chars: int = 1029,
         max_tokens: int = 256,
         batch_size: int = 80,
@@ -151,6 +156,11 @@ class TinyStoriesDataModule(StoryDataModule):
                 )
         elif route_tokens is not None or route_top_k is not None or route_exclude:
             raise ValueError(f"{owner}: route_tokens/route_top_k/route_exclude need labels='tokens', not {labels!r}")
+        if route_held_out and (route_top_k is None or not 0 < route_held_out <= route_top_k // 2):
+            raise ValueError(
+                f"{owner}: route_held_out={route_held_out} needs route_top_k and at most route_top_k // 2 "
+                f"(route_top_k={route_top_k}): the held-out tokens are every other one of the chosen"
+            )
         require_ints(
             owner,
             {  # argument: (value, smallest allowed)
@@ -201,6 +211,9 @@ class TinyStoriesDataModule(StoryDataModule):
         #: ``route_top_k`` (``None`` for ``route_tokens``).
         self.route_token_ids: list[int] = []
         self.route_token_ratios: list[float] | None = None
+        #: ``route_held_out``: the chosen concept tokens left unrouted, and their ratios.
+        self.held_out_token_ids: list[int] = []
+        self.held_out_token_ratios: list[float] = []
 
     # ------------------------------------------------------------------ loading
     @override
@@ -245,8 +258,11 @@ class TinyStoriesDataModule(StoryDataModule):
             min_forget_count=hp.route_min_count,
             exclude=[self.eos_id] + [self.single_token(text, "route_exclude entry") for text in hp.route_exclude],
         )
-        self.route_token_ids = [token for token, _ in chosen]
-        self.route_token_ratios = [ratio for _, ratio in chosen]
+        held = set(range(1, 2 * hp.route_held_out, 2))  # ranks 2, 4, ... (0-based odd positions)
+        self.route_token_ids = [token for i, (token, _) in enumerate(chosen) if i not in held]
+        self.route_token_ratios = [ratio for i, (_, ratio) in enumerate(chosen) if i not in held]
+        self.held_out_token_ids = [token for i, (token, _) in enumerate(chosen) if i in held]
+        self.held_out_token_ratios = [ratio for i, (_, ratio) in enumerate(chosen) if i in held]
 
     # -------------------------------------------------------------- batching
     @override
@@ -261,9 +277,18 @@ class TinyStoriesDataModule(StoryDataModule):
         """The story counts of :meth:`StoryDataModule.summary` and the routed tokens (for results.json and the
         README)."""
         assert self.tokenizer is not None
+        decode = self.tokenizer.decode
         routed = [
-            {"id": token, "text": self.tokenizer.decode([token])}
+            {"id": token, "text": decode([token])}
             | ({"ratio": round(self.route_token_ratios[i], 2)} if self.route_token_ratios else {})
             for i, token in enumerate(self.route_token_ids)
         ]
-        return super().summary() | ({"routed_tokens": routed} if routed else {})
+        held_out = [
+            {"id": token, "text": decode([token]), "ratio": round(ratio, 2)}
+            for token, ratio in zip(self.held_out_token_ids, self.held_out_token_ratios)
+        ]
+        return (
+            super().summary()
+            | ({"routed_tokens": routed} if routed else {})
+            | ({"held_out_tokens": held_out} if held_out else {})
+        )

@@ -18,13 +18,17 @@ of them, the gradient reaches the other neurons of the routed layers only with a
 Losses are token averages over the held-out sets: ``retain`` / ``forget`` over every real token of the retain /
 forget stories, ``*_unrouted`` over every token except the routed ones (a proper masked mean; the reference code
 multiplied the routed tokens' losses by 0 and still divided by all tokens), ``forget_routed`` over the routed
-tokens in forget stories.
+tokens in forget stories. When the data module holds concept tokens out of the routing
+(``TinyStoriesDataModule(route_held_out=...)``), ``forget_held_out`` is over those tokens in forget stories and
+``forget_other`` over the forget stories' tokens that are neither routed nor held out.
 
 **Absorption** (the paper's question): did removing the neurons take more than the routed tokens? It is
 ``forget_unrouted`` minus its base value against ``retain_unrouted`` minus its base value, at every stage and
 after retraining; a forget-side increase above the retain-side one means the neurons had absorbed the concept's
-context, not only its tokens. The same recipe without routing is the control: there the neurons hold whatever
-training put in them.
+context, not only its tokens. With held-out concept tokens the question is sharper: ``held_out_minus_other``
+is ``forget_held_out``'s increase minus ``forget_other``'s, so a positive value means removing the neurons took
+concept tokens the routing never saw more than the text around them. The same recipe without routing is the
+control: there the neurons hold whatever training put in them.
 """
 
 from __future__ import annotations
@@ -168,6 +172,10 @@ class TokenUnlearningEvaluation(CausalLMEvaluation):
         tables = {side: torch.ones_like(routed), f"{side}_unrouted": 1 - routed}
         if side == "forget":
             tables["forget_routed"] = routed
+            if dm.held_out_token_ids:
+                held_out = torch.zeros_like(routed)
+                held_out[dm.held_out_token_ids] = 1.0
+                tables |= {"forget_held_out": held_out, "forget_other": 1 - routed - held_out}
         return weighted_token_losses(model, dm.batches(stories, self.eval_batch_size), tables)
 
     def _losses(self, trainer: pl.Trainer, model: nn.Module) -> dict[str, float]:
@@ -244,10 +252,12 @@ class TokenUnlearningEvaluation(CausalLMEvaluation):
 
         def increase(losses: dict[str, float]) -> dict[str, float]:
             rise = {f"{key}_increase": round(value - base[key], 4) for key, value in losses.items()}
-            if "forget_unrouted_increase" in rise and "retain_unrouted_increase" in rise:
-                rise["forget_minus_retain_unrouted"] = round(
-                    rise["forget_unrouted_increase"] - rise["retain_unrouted_increase"], 4
-                )
+            for difference, (a, b) in {
+                "forget_minus_retain_unrouted": ("forget_unrouted", "retain_unrouted"),
+                "held_out_minus_other": ("forget_held_out", "forget_other"),
+            }.items():
+                if f"{a}_increase" in rise and f"{b}_increase" in rise:
+                    rise[difference] = round(rise[f"{a}_increase"] - rise[f"{b}_increase"], 4)
             return rise
 
         out = {stage: increase(results[stage]) for stage in ("post_ablation", "final")}
