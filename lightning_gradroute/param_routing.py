@@ -167,9 +167,13 @@ class RoutedParameter:
         owner, _, attribute = self.name.rpartition(".")
         return owner, attribute
 
-    def run_scales(self, labels: Tensor, dtype: torch.dtype) -> list[tuple[int, int, Tensor | float]]:
+    def run_scales(
+        self, labels: Tensor, dtype: torch.dtype, select: bool = False
+    ) -> list[tuple[int, int, Tensor | float]]:
         """Per run of units that share one column of the table: ``(start, stop, scale)``, the scale each item's
-        gradient gets there: ``(items,)``, or the float 1.0 / 0.0 where every label's weight is that."""
+        gradient gets there: ``(items,)``, or the float 1.0 / 0.0 where every label's weight is that. With
+        ``select``, a run whose weights are all 0 or 1 under integer labels gives instead the indices of the items
+        whose weight is 1 (a long tensor): a gradient summed over those items only needs no scaling."""
         assert self.runs is not None
         scales: list[tuple[int, int, Tensor | float]] = []
         for start, stop, column, constant in self.runs:
@@ -178,6 +182,8 @@ class RoutedParameter:
             elif labels.is_floating_point():
                 low, high = column[0].to(dtype), column[1].to(dtype)
                 scales.append((start, stop, low + labels.to(dtype) * (high - low)))
+            elif select and bool(((column == 0) | (column == 1)).all()):
+                scales.append((start, stop, (column != 0).index_select(0, labels).nonzero().flatten()))
             else:
                 scales.append((start, stop, column.to(dtype).index_select(0, labels)))
         return scales
@@ -410,21 +416,27 @@ def _fast(route: RoutedParameter) -> bool:
 def _by_runs(route: RoutedParameter, labels: Tensor, units: Tensor, other: Tensor, units_first: bool) -> Tensor:
     """The weight gradient ``sum_i m_i * outer(units_i, other_i)`` (``units``: ``(items, units)``, the operand
     whose columns are the routed units) run by run: in a run every unit has the same item weight, so it scales
-    whichever operand slice is smaller (or neither, or skips the matmul), not an ``(items, units)`` mask. Each
-    run's matmul writes into its slice of the gradient (``units_first``: the weight holds the units on dim 0), in
-    the autocast dtype where autocast is on (an ``out=`` matmul is not autocast)."""
+    whichever operand slice is smaller (or neither, or skips the matmul), not an ``(items, units)`` mask. Where a
+    run's weights are 0 / 1 the matmul runs over the items of weight 1 only (fewer flops than unrouted training);
+    on CPU and in eager mode only, since finding them (``nonzero``) synchronises a GPU with the host and gives a
+    compiled graph a data-dependent shape. Each run's matmul writes into its slice of the gradient
+    (``units_first``: the weight holds the units on dim 0), in the autocast dtype where autocast is on (an
+    ``out=`` matmul is not autocast)."""
     device = units.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else units.dtype
     units, other = units.to(dtype), other.to(dtype)
     size = (units.shape[1], other.shape[1]) if units_first else (other.shape[1], units.shape[1])
     grad = units.new_empty(size)
-    for a, b, scale in route.run_scales(labels, dtype):
+    select = device == "cpu" and not torch.compiler.is_compiling()
+    for a, b, scale in route.run_scales(labels, dtype, select=select):
         out = grad[a:b] if units_first else grad[:, a:b]
-        if isinstance(scale, float) and scale == 0.0:
+        if isinstance(scale, float) and scale == 0.0 or isinstance(scale, Tensor) and scale.numel() == 0:
             out.zero_()
             continue
         block, right = units[:, a:b], other
-        if isinstance(scale, Tensor):
+        if isinstance(scale, Tensor) and scale.dtype == torch.long:  # the items of weight 1
+            block, right = block.index_select(0, scale), other.index_select(0, scale)
+        elif isinstance(scale, Tensor):
             if b - a <= other.shape[1]:
                 block = block * scale[:, None]
             else:
