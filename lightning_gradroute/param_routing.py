@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_gradroute import _compat
 from lightning_gradroute.grad import label_mask, table_rows
+from lightning_gradroute import labels as _labels
 from lightning_gradroute.labels import label_counts, label_membership
 from lightning_gradroute.architectures import find_parts
 from lightning_gradroute.targets import (
@@ -418,8 +419,9 @@ def _by_runs(route: RoutedParameter, labels: Tensor, units: Tensor, other: Tenso
     whose columns are the routed units) run by run: in a run every unit has the same item weight, so it scales
     whichever operand slice is smaller (or neither, or skips the matmul), not an ``(items, units)`` mask. Where a
     run's weights are 0 / 1 the matmul runs over the items of weight 1 only (fewer flops than unrouted training);
-    on CPU and in eager mode only, since finding them (``nonzero``) synchronises a GPU with the host and gives a
-    compiled graph a data-dependent shape. Each run's matmul writes into its slice of the gradient
+    where host syncs cost nothing (CPU, :func:`~lightning_gradroute.labels.syncs_are_costly`) and in eager mode
+    only, since finding them (``nonzero``) synchronises a GPU with the host and gives a compiled graph a
+    data-dependent shape. Each run's matmul writes into its slice of the gradient
     (``units_first``: the weight holds the units on dim 0), in the autocast dtype where autocast is on (an
     ``out=`` matmul is not autocast)."""
     device = units.device.type
@@ -427,7 +429,7 @@ def _by_runs(route: RoutedParameter, labels: Tensor, units: Tensor, other: Tenso
     units, other = units.to(dtype), other.to(dtype)
     size = (units.shape[1], other.shape[1]) if units_first else (other.shape[1], units.shape[1])
     grad = units.new_empty(size)
-    select = device == "cpu" and not torch.compiler.is_compiling()
+    select = not _labels.syncs_are_costly(units) and not torch.compiler.is_compiling()
     for a, b, scale in route.run_scales(labels, dtype, select=select):
         out = grad[a:b] if units_first else grad[:, a:b]
         if isinstance(scale, float) and scale == 0.0 or isinstance(scale, Tensor) and scale.numel() == 0:

@@ -172,9 +172,10 @@ class TokenUnlearningEvaluation(CausalLMEvaluation):
         tables = {side: torch.ones_like(routed), f"{side}_unrouted": 1 - routed}
         if side == "forget":
             tables["forget_routed"] = routed
-            if dm.held_out_token_ids:
+            held_out_ids = getattr(dm, "held_out_token_ids", [])  # TinyStories' route_held_out; none elsewhere
+            if held_out_ids:
                 held_out = torch.zeros_like(routed)
-                held_out[dm.held_out_token_ids] = 1.0
+                held_out[held_out_ids] = 1.0
                 tables |= {"forget_held_out": held_out, "forget_other": 1 - routed - held_out}
         return weighted_token_losses(model, dm.batches(stories, self.eval_batch_size), tables)
 
