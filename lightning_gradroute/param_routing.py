@@ -177,13 +177,13 @@ class RoutedParameter:
         whose weight is 1 (a long tensor): a gradient summed over those items only needs no scaling."""
         assert self.runs is not None
         scales: list[tuple[int, int, Tensor | float]] = []
-        for start, stop, column, constant in self.runs:
+        for start, stop, column, constant, binary in self.runs:
             if constant is not None:
                 scales.append((start, stop, constant))
             elif labels.is_floating_point():
                 low, high = column[0].to(dtype), column[1].to(dtype)
                 scales.append((start, stop, low + labels.to(dtype) * (high - low)))
-            elif select and bool(((column == 0) | (column == 1)).all()):
+            elif select and binary:
                 scales.append((start, stop, (column != 0).index_select(0, labels).nonzero().flatten()))
             else:
                 scales.append((start, stop, column.to(dtype).index_select(0, labels)))
@@ -251,9 +251,10 @@ def _sink(*shape: int, device: torch.device) -> Tensor:
 MAX_RUNS = 8
 
 
-def _column_runs(weights: Tensor) -> list[tuple[int, int, Tensor, float | None]] | None:
-    """The table's columns as runs of equal ones, ``(start, stop, column, constant)`` (``constant``: the weight
-    every label has there, if one), or ``None`` beyond :data:`MAX_RUNS` runs."""
+def _column_runs(weights: Tensor) -> list[tuple[int, int, Tensor, float | None, bool]] | None:
+    """The table's columns as runs of equal ones, ``(start, stop, column, constant, binary)`` (``constant``: the
+    weight every label has there, if one; ``binary``: every weight there is 0 or 1), or ``None`` beyond
+    :data:`MAX_RUNS` runs."""
     columns = weights.detach().cpu()
     change = (columns[:, 1:] != columns[:, :-1]).any(0).nonzero().flatten().add(1).tolist()
     bounds = [0, *change, columns.shape[1]]
@@ -263,7 +264,8 @@ def _column_runs(weights: Tensor) -> list[tuple[int, int, Tensor, float | None]]
     for start, stop in zip(bounds[:-1], bounds[1:]):
         column = columns[:, start]
         same = bool((column == column[0]).all()) and float(column[0]) in (0.0, 1.0)
-        runs.append((start, stop, column.to(weights.device), float(column[0]) if same else None))
+        binary = bool(((column == 0) | (column == 1)).all())
+        runs.append((start, stop, column.to(weights.device), float(column[0]) if same else None, binary))
     return runs
 
 
