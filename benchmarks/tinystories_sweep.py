@@ -9,6 +9,7 @@ retraining attack, against oversight; one line per method, plain training as a d
     python benchmarks/tinystories_sweep.py --oversight 0 0.25 0.5 0.75 1 --seeds 0 1
     python benchmarks/tinystories_sweep.py --set --trainer.max_steps=800   # extra CLI arguments for every run
     python benchmarks/tinystories_sweep.py --methods token_filtering base --oversight 0.5 1 --seeds 0 1 --merge
+    python benchmarks/tinystories_sweep.py --paper-lrs --seeds 0 1 --name tinystories_paper --commit  # issue 21
 
 Runs whose ``results.json`` already exists are not repeated (delete ``--runs-dir`` to start over). Plain
 training does not depend on oversight, so it runs once per seed. RMU needs labelled forget stories, so it
@@ -16,6 +17,16 @@ skips oversight 0. Outputs: ``<out>/tinystories_sweep.md``, ``<out>/tinystories_
 ``<out>/tinystories_sweep.json``. ``--merge`` adds the rows of this invocation to those already in
 ``<out>/tinystories_sweep.json`` (replacing rows of the same method and oversight), so a method can be added to a
 committed table without re-running the others; the scale line then names both commands.
+
+The paper's three metrics (its ``analyze_partial_oversight_runs.py``) are the report's last table: "unlearning"
+= forget loss after the pipeline − forget loss "before", "robust unlearning" = the lowest forget loss under the
+retraining attack (step 0 included) − the same "before", and the retain loss after. "Before" is the method's own
+model before its ablation (ERA, DEMix; RMU: the plain model it starts from), and for data and token filtering the
+plain model of the same seed (the paper: the filtering model at oversight 0, i.e. trained on all data).
+``--paper-lrs`` runs the coherence fine-tune and the attack at the paper's AdamW learning rate, 5e-5 (the recipes
+use 5e-4, the same 1/10 of the training peak as the paper's 5e-5 of 5e-4; that is the documented variant).
+``--commit`` copies each finished run's ``results.json`` to ``<out>/<name>/<run>/`` and commits it, and a run
+committed there is read back instead of trained: a sweep of hours resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from recipe_run import report_header, run_recipe, save_figure, summarise
+from recipe_run import commit, committed, interval, report_header, run_recipe, save_figure, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("era", "data_filtering", "token_filtering", "rmu", "demix", "base")
@@ -48,18 +59,56 @@ METRICS = (
     ("concept", "Concept-token loss", lambda r: r["final"]["forget_tokens"]),
     ("concept_attacked", "Concept-token loss after attack", lambda r: min(r["attack"]["curves"]["forget_tokens"])),
 )
+#: The paper's metrics (name, column): see the module docstring and :func:`paper_metrics`.
+PAPER_METRICS = (("unlearning", "unlearning"), ("robust_unlearning", "robust unlearning"), ("retain", "retain loss"))
+#: The coherence and attack learning rate of the paper's TinyStories runs (AdamW).
+PAPER_LR = 5e-5
+#: Methods whose "before" is the plain model of the same seed (they have no model before an ablation).
+FILTERING = ("data_filtering", "token_filtering")
+
+
+def paper_metrics(method: str, run: dict[str, Any], base: dict[str, Any] | None) -> dict[str, float] | None:
+    """The paper's unlearning, robust unlearning and retain loss of one run (None: a filtering run without the
+    plain run of its seed)."""
+    if method in FILTERING:
+        if base is None:
+            return None
+        before = base["final"]["forget"]
+    else:
+        before = run["pre_ablation"]["forget"]
+    return {
+        "unlearning": run["final"]["forget"] - before,
+        "robust_unlearning": run["attack"]["lowest_forget"] - before,
+        "retain": run["final"]["retain"],
+    }
 
 
 def run_one(
-    method: str, oversight: float, seed: int, runs_dir: Path, extra: list[str], recipes: Path
+    method: str,
+    oversight: float,
+    seed: int,
+    runs_dir: Path,
+    extra: list[str],
+    recipes: Path,
+    committed_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or reuse) one recipe and return its results.json."""
+    """Run (or reuse) one recipe and return its results.json. With ``committed_dir``, a run committed there is
+    read back, and a new one is copied there and committed."""
+    name = f"{method}_p{oversight:g}_s{seed}"
+    kept = committed_dir / name / "results.json" if committed_dir is not None else None
+    if kept is not None and committed(kept):
+        return json.loads(kept.read_text())
     arguments = [
         f"--seed_everything={seed}",
         f"--data.init_args.seed={seed}",
         f"--data.init_args.oversight={oversight}",
     ]
-    return run_recipe([recipes / f"{method}.yaml"], runs_dir / f"{method}_p{oversight:g}_s{seed}", arguments + extra)
+    result = run_recipe([recipes / f"{method}.yaml"], runs_dir / name, arguments + extra)
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.write_text(json.dumps(result, indent=2))
+        commit([kept], f"TinyStories sweep: results of {name}, so the sweep resumes after it")
+    return result
 
 
 def collect(runs: dict[tuple[str, float], dict[int, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -73,6 +122,10 @@ def collect(runs: dict[tuple[str, float], dict[int, dict[str, Any]]]) -> list[di
             paired = [get(r) - get(base[seed]) for seed, r in by_seed.items() if seed in base]
             if paired:
                 row["delta_" + key], row["delta_" + key + "_std"] = summarise(paired)
+        paper = [paper_metrics(method, r, base.get(seed)) for seed, r in by_seed.items()]
+        if paper and all(m is not None for m in paper):
+            for key, _ in PAPER_METRICS:
+                row["paper_" + key], row["paper_" + key + "_ci"] = interval([m[key] for m in paper])
         row["train_seconds"] = statistics.fmean(r["train_seconds"] for r in by_seed.values())
         row["evaluation_seconds"] = statistics.fmean(r["evaluation_seconds"] for r in by_seed.values())
         rows.append(row)
@@ -129,6 +182,27 @@ def table(rows: list[dict[str, Any]], scale: str, command: str) -> str:
                 for k, _, _ in METRICS
             ]
             lines.append(f"| {LABELS[row['method']]} | {row['oversight']:g} | {' | '.join(cells)} |")
+    paper = [row for row in rows if "paper_unlearning" in row]
+    if paper:
+        lines += [
+            "",
+            (
+                "The paper's metrics: unlearning = forget loss after the pipeline − forget loss before (the method's "
+                "model before its ablation; for data and token filtering, plain training of the same seed); robust "
+                "unlearning = lowest forget loss under the retraining attack (step 0 included) − the same before; "
+                "retain loss after. Mean ± 95% t half-width over seeds (none for one seed)."
+            ),
+            "",
+            "| method | oversight | " + " | ".join(column for _, column in PAPER_METRICS) + " |",
+            "|---|---|---|---|---|",
+        ]
+        for row in paper:
+            cells = [
+                f"{row['paper_' + k]:+.4f}" + (f" ± {row['paper_' + k + '_ci']:.4f}" if row["seeds"] > 1 else "")
+                for k, _ in PAPER_METRICS
+            ]
+            oversight = "any" if row["method"] == "base" else f"{row['oversight']:g}"
+            lines.append(f"| {LABELS[row['method']]} | {oversight} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,20 +249,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipes", type=Path, default=ROOT / "recipes" / "tinystories")
     parser.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "tinystories_sweep")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    parser.add_argument("--merge", action="store_true", help="add these rows to those in <out>/tinystories_sweep.json")
+    parser.add_argument("--merge", action="store_true", help="add these rows to those in <out>/<name>.json")
+    parser.add_argument("--name", default="tinystories_sweep", help="the report's file names under <out>")
+    parser.add_argument("--paper-lrs", action="store_true", help=f"coherence and attack at the paper's {PAPER_LR:g}")
+    parser.add_argument("--commit", action="store_true", help="commit each run under <out>/<name>/ and resume")
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[], help="extra gradroute CLI arguments, last")
     args = parser.parse_args(argv)
     for p in args.oversight:
         if not 0 <= p <= 1:
             parser.error(f"oversight {p} is not in [0, 1]")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    extra = list(args.set)
+    if args.paper_lrs:  # the evaluation callback is the last in every recipe's list, which these flags address
+        extra = [f"--trainer.callbacks.init_args.{k}={PAPER_LR}" for k in ("coherence_lr", "attack_lr")] + extra
+    committed_dir = args.out / args.name if args.commit else None
 
     runs: dict[tuple[str, float], dict[int, dict[str, Any]]] = {}
     for seed in args.seeds:
         for method in args.methods:
             levels = [1.0] if method == "base" else [p for p in args.oversight if not (method == "rmu" and p == 0)]
             for p in levels:
-                result = run_one(method, p, seed, args.runs_dir, args.set, args.recipes)
+                result = run_one(method, p, seed, args.runs_dir, extra, args.recipes, committed_dir)
                 runs.setdefault((method, p), {})[seed] = result
     rows = collect(runs)
     all_results = [r for by_seed in runs.values() for r in by_seed.values()]
@@ -203,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         "evaluation in all (shared 2-core CPU, one thread per run)."
     )
     command = "python benchmarks/tinystories_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    saved, table_path = args.out / "tinystories_sweep.json", args.out / "tinystories_sweep.md"
+    saved, table_path = args.out / f"{args.name}.json", args.out / f"{args.name}.md"
     if args.merge and saved.exists():
         previous = json.loads(saved.read_text())
         new = {(row["method"], row["oversight"]) for row in rows}
@@ -215,8 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table_path.write_text(table(rows, scale, command.strip()))
     saved.write_text(json.dumps({"scale": scale, "command": command.strip(), "rows": rows}, indent=2))
-    plot(rows, args.out / "tinystories_sweep.png", scale)
+    plot(rows, args.out / f"{args.name}.png", scale)
     print(table(rows, scale, command.strip()))
+    if args.commit:
+        commit([table_path, saved, args.out / f"{args.name}.png"], f"TinyStories sweep: {args.name} report")
 
 
 if __name__ == "__main__":

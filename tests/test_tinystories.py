@@ -409,3 +409,39 @@ def test_dataset_id_loads_train_and_validation_splits_with_datasets(tmp_path: Pa
     train_texts = {data.tokenizer.decode(ids[1:]) for ids in data.splits.train}  # type: ignore[union-attr]
     held_out = data.splits.retain_val + data.splits.forget_val + data.splits.attack_pool
     assert not train_texts & {data.tokenizer.decode(ids[1:]) for ids in held_out}  # type: ignore[union-attr]
+
+
+def test_rmu_tuning_scores_copies_on_the_held_out_split_and_keeps_the_retain_budget(
+    dm: TinyStoriesDataModule, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from lightning_gradroute.evaluation import mean_loss
+    from gradroute_experiments.text.causal_lm import token_mean_loss
+    from gradroute_experiments.tinystories.rmu_tuning import RMUTuning
+
+    with pytest.raises(ValueError, match="RMU: need steps >= 1"):  # a bad grid value fails at construction
+        RMUTuning(steps=[0])
+    with pytest.raises(ValueError, match="empty: \\['alphas'\\]"):
+        RMUTuning(alphas=[])
+    torch.manual_seed(0)
+    lm = TinyStoriesLM(**{**TINY_MODEL, "num_layers": 4})
+    before = {n: p.detach().clone() for n, p in lm.named_parameters()}
+    tuning = RMUTuning(layers=[1], steps=[3], steering_coefs=[None], alphas=[1.0], lrs=[1e-4, 5e-2], retain_budget=0.05)
+    trainer = SimpleNamespace(datamodule=dm, log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True)
+    tuning.on_fit_end(trainer, lm)  # type: ignore[arg-type]
+    assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())  # each setting ran on a copy
+    results = json.loads((tmp_path / "rmu_tuning.json").read_text())
+    assert dm.splits is not None
+    assert results["base"]["forget"] == pytest.approx(
+        mean_loss(lm, list(dm.batches(dm.splits.attack_pool, forget=True)), token_mean_loss)
+    )
+    small, large = results["settings"]
+    assert (small["lr"], large["lr"]) == (1e-4, 5e-2) and small["steps"] == 3
+    for row in (small, large):
+        assert row["forget_increase"] == pytest.approx(row["forget"] - results["base"]["forget"])
+        assert row["retain_increase"] == pytest.approx(row["retain"] - results["base"]["retain"])
+    assert abs(large["forget_increase"]) > abs(small["forget_increase"])  # the settings really differ
+    allowed = [r for r in results["settings"] if r["retain_increase"] <= 0.05]
+    expected = max(allowed, key=lambda r: r["forget_increase"]) if allowed else None
+    assert results["chosen"] == expected
