@@ -154,8 +154,12 @@ class RoutedParameter:
         return f"parameter target {self.target_name!r} ({self.name!r}, dim {self.dim})"
 
     def register(self) -> None:
-        if routed_parameter(self.param) is not None:
-            raise ValueError(f"{self.where}: the parameter is already routed by another target or router")
+        if (other := routed_parameter(self.param)) is not None:
+            raise ValueError(
+                f"{self.where}: the parameter is already routed by {other.where} of another router or routing "
+                "callback; route each parameter from one target: merge the two GradientRoutingCallbacks (or "
+                "routers) into one"
+            )
         _ROUTED[id(self.param)] = self
 
     def unregister(self) -> None:

@@ -144,7 +144,9 @@ def weight(target: str = "enc") -> GradientRoutingCallback:
             r"GradientRoutingCallback: targets 'enc' and 'again' of two routing callbacks both route 'encoder' \(output\)" + MERGE,
         ),
         (weight, lambda: weight("w"), r"parameter target 'w' \('encoder.weight', dim 0\): the parameter is already "
-                                      r"routed by another target or router"),  # fmt: skip
+                                      r"routed by parameter target 'enc' \('encoder.weight', dim 0\) of another router "
+                                      r"or routing callback; route each parameter from one target: merge the two "
+                                      r"GradientRoutingCallbacks \(or routers\) into one$"),  # fmt: skip
         (
             lambda: dedicated("enc", "encoder.weight"),
             lambda: dedicated("b", "head.bias"),
