@@ -7,7 +7,7 @@ split (attack-pool forget stories, coherence-validation retain stories; not the 
 chosen setting, which ``recipes/tinystories/rmu.yaml`` then uses.
 
     python benchmarks/rmu_tuning.py                     # seed 0, about 30 CPU-min
-    python benchmarks/rmu_tuning.py --render-only       # the report from the committed json
+    python benchmarks/rmu_tuning.py --render-only       # the report (and the choice) from the committed json
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from recipe_run import ROOT, commit, fit_timed, report_header
+
+import yaml
+
+from gradroute_experiments.tinystories.rmu_tuning import RULE, choose
 
 RECIPES = [ROOT / "recipes" / "tinystories" / "base.yaml", ROOT / "recipes" / "tinystories" / "rmu_tuning.yaml"]
 COMMAND = "python benchmarks/rmu_tuning.py"
@@ -53,7 +57,7 @@ def report(tuning: dict[str, Any]) -> str:
         lines.append(f"No setting kept the retain increase within {tuning['retain_budget']} nats.")
     else:
         lines.append(
-            f"Chosen (largest forget increase with a retain increase of at most {tuning['retain_budget']} nats): "
+            f"Chosen ({RULE.format(budget=tuning['retain_budget'])}): "
             f"layer {chosen['layer']}, {chosen['steps']} steps, steering {chosen['steering_coef']:.1f}, alpha "
             f"{chosen['alpha']:g}, lr {chosen['lr']:g}: forget +{chosen['forget_increase']:.4f}, retain "
             f"{chosen['retain_increase']:+.4f} nats."
@@ -91,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(args.runs_dir / f"s{args.seed}" / "rmu_tuning.json", saved)
     tuning = json.loads(saved.read_text())
+    # The choice follows the recipe's budget and RMUTuning's rule (both may change after a grid ran; see its docs).
+    budget = yaml.safe_load(RECIPES[1].read_text())["trainer"]["callbacks"][0]["init_args"]["retain_budget"]
+    chosen = choose(tuning["settings"], budget)
+    tuning |= {"retain_budget": budget, "rule": RULE.format(budget=budget), "chosen": chosen}
+    saved.write_text(json.dumps(tuning, indent=2))
     table.write_text(report(tuning))
     print(table.read_text())
     if not args.no_commit and not args.render_only:

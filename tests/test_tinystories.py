@@ -418,7 +418,7 @@ def test_rmu_tuning_scores_copies_on_the_held_out_split_and_keeps_the_retain_bud
 
     from lightning_gradroute.evaluation import mean_loss
     from gradroute_experiments.text.causal_lm import token_mean_loss
-    from gradroute_experiments.tinystories.rmu_tuning import RMUTuning
+    from gradroute_experiments.tinystories.rmu_tuning import RMUTuning, choose
 
     with pytest.raises(ValueError, match="RMU: need steps >= 1"):  # a bad grid value fails at construction
         RMUTuning(steps=[0])
@@ -428,7 +428,9 @@ def test_rmu_tuning_scores_copies_on_the_held_out_split_and_keeps_the_retain_bud
     lm = TinyStoriesLM(**{**TINY_MODEL, "num_layers": 4})
     before = {n: p.detach().clone() for n, p in lm.named_parameters()}
     tuning = RMUTuning(layers=[1], steps=[3], steering_coefs=[None], alphas=[1.0], lrs=[1e-4, 5e-2], retain_budget=0.05)
-    trainer = SimpleNamespace(datamodule=dm, log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True)
+    trainer = SimpleNamespace(
+        datamodule=dm, log_dir=str(tmp_path), default_root_dir=str(tmp_path), is_global_zero=True, fast_dev_run=False
+    )
     tuning.on_fit_end(trainer, lm)  # type: ignore[arg-type]
     assert all(torch.equal(p, before[n]) for n, p in lm.named_parameters())  # each setting ran on a copy
     results = json.loads((tmp_path / "rmu_tuning.json").read_text())
@@ -443,5 +445,7 @@ def test_rmu_tuning_scores_copies_on_the_held_out_split_and_keeps_the_retain_bud
         assert row["retain_increase"] == pytest.approx(row["retain"] - results["base"]["retain"])
     assert abs(large["forget_increase"]) > abs(small["forget_increase"])  # the settings really differ
     allowed = [r for r in results["settings"] if r["retain_increase"] <= 0.05]
-    expected = max(allowed, key=lambda r: r["forget_increase"]) if allowed else None
-    assert results["chosen"] == expected
+    expected = max(allowed, key=lambda r: r["forget_increase"] - r["retain_increase"]) if allowed else None
+    assert results["chosen"] == expected and "at most 0.05 nats" in results["rule"]
+    rows = [{"forget_increase": f, "retain_increase": r} for f, r in [(3.0, 2.9), (1.5, 0.3), (0.1, 0.0)]]
+    assert choose(rows, 0.5) == rows[1] and choose(rows, 0.01) == rows[2] and choose(rows, -1.0) is None

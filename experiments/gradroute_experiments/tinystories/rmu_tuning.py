@@ -7,8 +7,11 @@ and measures each on stories the final comparison never scores: the forget stori
 retain stories held out for the coherence fine-tune's validation (both held out from training). The test sets of
 :class:`~gradroute_experiments.tinystories.evaluate.UnlearningEvaluation` are not read.
 
-The chosen setting is the one with the largest forget-loss increase among those whose retain-loss increase is at
-most ``retain_budget`` nats (ties: the smaller retain increase). ``rmu_tuning.json`` in the log dir holds every
+The chosen setting (:func:`choose`) is the most *selective* one: the largest forget-loss increase minus retain-loss
+increase, among those whose retain-loss increase is at most ``retain_budget`` nats. (A first rule, the largest
+forget increase within 0.1 nats of retain cost, picked a setting that raised both losses alike, +0.111 and +0.097:
+RMU as damage, not unlearning; the selective settings cost 0.24 nats or more. The rule was changed after that grid,
+which only the tuning split had scored.) ``rmu_tuning.json`` in the log dir holds every
 setting's numbers, the base losses and the choice; ``benchmarks/rmu_tuning.py`` runs it
 (``recipes/tinystories/rmu_tuning.yaml`` on top of ``base.yaml``).
 """
@@ -29,7 +32,18 @@ from gradroute_experiments.text.causal_lm import token_mean_loss
 from gradroute_experiments.text.story_module import StoryDataModule
 from gradroute_experiments.tinystories.rmu import RMU
 
-__all__ = ["RMUTuning"]
+__all__ = ["RMUTuning", "choose"]
+
+#: How :func:`choose` picks, in words (for the report).
+RULE = "largest forget increase minus retain increase, among settings whose retain increase is at most {budget} nats"
+
+
+def choose(rows: list[dict[str, Any]], retain_budget: float) -> dict[str, Any] | None:
+    """The most selective setting of a tuning grid within the retain budget (None: none within it)."""
+    allowed = [row for row in rows if row["retain_increase"] <= retain_budget]
+    if not allowed:
+        return None
+    return max(allowed, key=lambda row: (row["forget_increase"] - row["retain_increase"], row["forget_increase"]))
 
 
 class RMUTuning(pl.Callback):
@@ -55,7 +69,7 @@ class RMUTuning(pl.Callback):
         steering_coefs: list[float | None] = [None, 400.0],  # noqa: B006
         alphas: list[float] = [200.0, 20.0, 2.0],  # noqa: B006
         lrs: list[float] = [5e-3, 2e-2],  # noqa: B006
-        retain_budget: float = 0.1,
+        retain_budget: float = 0.5,
         results_file: str = "rmu_tuning.json",
     ) -> None:
         grid = {"layers": layers, "steps": steps, "steering_coefs": steering_coefs, "alphas": alphas, "lrs": lrs}
@@ -110,14 +124,14 @@ class RMUTuning(pl.Callback):
                 }
             )
             del candidate
-        allowed = [row for row in rows if row["retain_increase"] <= self.retain_budget]
-        chosen = max(allowed, key=lambda row: (row["forget_increase"], -row["retain_increase"])) if allowed else None
+        chosen = choose(rows, self.retain_budget)
         results = {
             "tuning_split": {
                 "forget": f"attack pool ({len(splits.attack_pool)} forget stories held out from training)",
                 "retain": f"coherence validation ({len(splits.coherence_val)} retain stories held out from training)",
             },
             "retain_budget": self.retain_budget,
+            "rule": RULE.format(budget=self.retain_budget),
             "base": base,
             "settings": rows,
             "chosen": chosen,
