@@ -50,12 +50,23 @@ from gradroute_experiments.tinystories.demix import keep_retain_experts
 from gradroute_experiments.tinystories.model import TinyStoriesLM
 from gradroute_experiments.tinystories.rmu import RMU
 
-__all__ = ["LOSSES", "METHODS", "UnlearningEvaluation"]
+__all__ = ["LOSSES", "METHODS", "UnlearningEvaluation", "rmu_sets"]
 
 METHODS = ("era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base")
 Method = Literal["era", "param_routing", "demix", "rmu", "data_filtering", "token_filtering", "base"]
 #: The held-out losses the pipeline measures (``forget_tokens``: the forget stories' tokens weighted by ``1 - w``).
 LOSSES = ("retain", "forget", "forget_tokens")
+
+
+def rmu_sets(dm: StoryDataModule, who: str) -> tuple[list[Any], list[Any]]:
+    """RMU's forget and retain batches: the labelled forget training stories, and every other training story
+    (unlabelled forget stories count as retain, as in the paper's partial-oversight RMU)."""
+    assert dm.splits is not None
+    labelled = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if lab]
+    others = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if not lab]
+    if not labelled:
+        raise ValueError(f"{who}: no labelled forget stories (oversight 0?)")
+    return list(dm.batches(labelled, forget=True)), list(dm.batches(others))
 
 
 class UnlearningEvaluation(CausalLMUnlearningEvaluation):
@@ -190,20 +201,10 @@ class UnlearningEvaluation(CausalLMUnlearningEvaluation):
         if self.method != "rmu":
             return {}
         dm, rmu = self._dm, copy.copy(self.rmu)
-        assert dm is not None and dm.splits is not None and rmu is not None and isinstance(pl_module, TinyStoriesLM)
-        labelled = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if lab]
-        others = [ids for ids, lab in zip(dm.splits.train, dm.splits.train_labelled) if not lab]
-        if not labelled:
-            raise ValueError("UnlearningEvaluation(method='rmu'): no labelled forget stories (oversight 0?)")
+        assert dm is not None and rmu is not None and isinstance(pl_module, TinyStoriesLM)
         if trainer.fast_dev_run:
             rmu.steps = 1
-        return {
-            "rmu": rmu(
-                pl_module.model,
-                list(dm.batches(labelled, dm.hparams.batch_size, forget=True)),
-                list(dm.batches(others, dm.hparams.batch_size)),
-            )
-        }
+        return {"rmu": rmu(pl_module.model, *rmu_sets(dm, "UnlearningEvaluation(method='rmu')"))}
 
     @override
     def metadata(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing_extensions import override
 from lightning_gradroute.evaluation import mean_loss
 from gradroute_experiments.text.causal_lm import token_mean_loss
 from gradroute_experiments.text.story_module import StoryDataModule
+from gradroute_experiments.tinystories.evaluate import rmu_sets
 from gradroute_experiments.tinystories.rmu import RMU
 
 __all__ = ["RMUTuning", "choose"]
@@ -96,10 +97,7 @@ class RMUTuning(pl.Callback):
             "forget": list(dm.batches(splits.attack_pool, forget=True)),
             "retain": list(dm.batches(splits.coherence_val)),
         }
-        labelled = [ids for ids, lab in zip(splits.train, splits.train_labelled) if lab]
-        others = [ids for ids, lab in zip(splits.train, splits.train_labelled) if not lab]
-        forget_batches = list(dm.batches(labelled, forget=True))
-        retain_batches = list(dm.batches(others))
+        forget_batches, retain_batches = rmu_sets(dm, "RMUTuning")
 
         def losses(module: pl.LightningModule) -> dict[str, float]:
             return {name: mean_loss(module, batches, token_mean_loss) for name, batches in tuning.items()}
